@@ -1,0 +1,38 @@
+"""dino-fast: DINO self-distillation pretraining of Vision Transformers, fast.
+
+Public names are imported lazily so that `from dino_fast import DINOLoss`
+pulls in only the loss, not the model, the pipelines or DALI.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "DINOLoss": "dino_fast.kernels.dino_loss",
+    "dino_loss": "dino_fast.kernels.dino_loss",
+    "ema_update_": "dino_fast.kernels.ema",
+    "MomentumSchedule": "dino_fast.schedules",
+    "cosine_scheduler": "dino_fast.schedules",
+    "VisionTransformer": "dino_fast.model",
+    "DINOHead": "dino_fast.model",
+    "vit_tiny": "dino_fast.model",
+    "vit_small": "dino_fast.model",
+    "vit_base": "dino_fast.model",
+    "load": "dino_fast.eval.load",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dino_fast' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,55 @@
+"""`dino-fast` command line: a thin dispatcher.
+
+Each subcommand lives in its own module under `dino_fast/commands/` and
+exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+Only the chosen subcommand's module is imported, so `dino-fast kernels`
+never imports DALI and `dino-fast --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("dino_fast.commands.train", "pretrain a ViT with DINO (no arguments: the demo run)"),
+    "knn": ("dino_fast.commands.knn", "weighted k-NN evaluation of a checkpoint's features"),
+    "linear": ("dino_fast.commands.linear", "linear probe on frozen features"),
+    "attention": ("dino_fast.commands.attention", "self-attention maps of the CLS token as PNGs"),
+    "export": ("dino_fast.commands.export", "export a checkpoint (reference, timm, safetensors)"),
+    "bench": ("dino_fast.commands.bench", "benchmark the hot paths against their references"),
+    "kernels": ("dino_fast.commands.kernels", "compile every Triton kernel ahead of time, report registers/spills"),
+    "pack": ("dino_fast.commands.pack", "pack an image folder into webdataset tar shards"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: dino-fast <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`dino-fast <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name = argv[0] if argv and not argv[0].startswith("-") else "train"
+    rest = argv[1:] if argv and argv[0] == name else argv
+    if name not in COMMANDS:
+        print(f"dino-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"dino-fast {name}", description=module.HELP)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Run a function in N processes with the gloo backend on CPU (FSDP2,
+all-reduce tests). The function must be importable (defined at module level)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, world_size: int = 2) -> None:
+    """Spawn `world_size` gloo processes running `fn(rank, world_size, *args)`.
+    Results travel back through files the caller passes in `args` (e.g. a
+    tmp_path); an exception in any rank fails the call."""
+    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
