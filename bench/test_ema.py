@@ -51,7 +51,7 @@ def test_ema(benchmark, device, smoke, spec, t_dtype, s_dtype):
     student = _params(shapes, s_dtype, device, 1)
     numel = sum(t.numel() for t in teacher)
     nbytes = numel * (2 * teacher[0].element_size() + student[0].element_size())
-    momentum = torch.tensor(0.996, device=device)   # as the training loop passes it
+    momentum = torch.tensor(0.996, dtype=torch.float64, device=device)  # a device schedule entry
 
     # correctness first, on fresh copies: every impl against the reference loop's formula
     before = [t.clone() for t in teacher]

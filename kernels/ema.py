@@ -2,8 +2,12 @@
 
 Math (per element, fp32):   t ← t·λ + s·(1−λ)
     t: teacher parameter (fp32 or bf16), s: student parameter (fp32 or bf16),
-    λ: the momentum, a Python float or a 0-dim fp32 device tensor read inside
-    the kernel (no host sync when the schedule lives on the device).
+    λ: the momentum, a Python float or a 0-dim device tensor read inside the
+    kernel (no host sync when the schedule lives on the device). Like the
+    reference (Python float λ): λ and 1−λ are formed in fp64 and rounded to
+    fp32 once, so near λ → 1 the weight 1−λ keeps its relative precision (a
+    fp32 1−λ would be quantised to multiples of 2⁻²⁴); a fp64 momentum tensor
+    gives the float path bit for bit.
     λ = 1 leaves the teacher bit-exact (t·1 + s·0); λ = 0 copies the student.
 
 Memory traffic (the floor): read t, read s, write t. ViT-B/8 + DINO head
@@ -96,8 +100,9 @@ def _ema_kernel(table_ptr, t_ref, s_ref, mom_ptr, mom, one_minus_mom,
         t_ptr = tl.multiple_of(t_ptr, 16)
         s_ptr = tl.multiple_of(s_ptr, 16)
     if MOM_FROM_PTR:
-        m = tl.load(mom_ptr).to(tl.float32)
-        c = 1.0 - m
+        m64 = tl.load(mom_ptr)                 # fp64, as the reference's Python float
+        c = (1.0 - m64).to(tl.float32)
+        m = m64.to(tl.float32)
     else:
         m = mom
         c = one_minus_mom
@@ -171,7 +176,7 @@ def _check_pairs(teacher: list, student: list) -> tuple[list[torch.Tensor], list
 
 
 def _momentum(momentum, device: torch.device):
-    """A Python float in [0, 1], or a 0-dim fp32 tensor on `device` (no host sync)."""
+    """A Python float in [0, 1], or a 0-dim tensor on `device` (no host sync)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.numel() != 1:
             raise ValueError(f"ema_update_: momentum tensor must have one element, got shape "
@@ -182,7 +187,10 @@ def _momentum(momentum, device: torch.device):
             if momentum.device != device:
                 raise ValueError(f"ema_update_: momentum is on {momentum.device} but the "
                                  f"parameters are on {device}")
-            return momentum.detach().reshape(()).to(torch.float32)
+            if not momentum.is_floating_point():
+                raise TypeError(f"ema_update_: momentum tensor must be floating point, got "
+                                f"{momentum.dtype}")
+            return momentum.detach().reshape(())
     momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"ema_update_: momentum must be in [0, 1], got {momentum}")
@@ -303,11 +311,11 @@ def _ema_triton_(teacher: list[torch.Tensor], student: list[torch.Tensor], m, im
     else:
         _TABLE_CACHE.move_to_end(key)
     if isinstance(m, torch.Tensor):
-        mom_ptr, mom, one_minus, from_ptr = m, 0.0, 0.0, True
+        mom_ptr, mom, one_minus, from_ptr = m.to(torch.float64), 0.0, 0.0, True
     else:
         dummy = _DUMMY.get(device)
         if dummy is None:
-            dummy = _DUMMY[device] = torch.zeros((), dtype=torch.float32, device=device)
+            dummy = _DUMMY[device] = torch.zeros((), dtype=torch.float64, device=device)
         mom_ptr, mom, one_minus, from_ptr = dummy, m, 1.0 - m, False
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for g in groups:  # usually one group: one launch
@@ -412,7 +420,7 @@ def compile_specs() -> list[KernelSpec]:
                         name="ema_update",
                         fn=_ema_kernel,
                         signature={"table_ptr": "*i64", "t_ref": f"*{t_dt}", "s_ref": f"*{s_dt}",
-                                   "mom_ptr": "*fp32", "mom": "fp32", "one_minus_mom": "fp32",
+                                   "mom_ptr": "*fp64", "mom": "fp32", "one_minus_mom": "fp32",
                                    "BLOCK": "constexpr", "MOM_FROM_PTR": "constexpr",
                                    "ALIGNED": "constexpr"},
                         constexprs={"BLOCK": BLOCK, "MOM_FROM_PTR": from_ptr, "ALIGNED": aligned},

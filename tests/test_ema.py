@@ -132,6 +132,18 @@ def test_tensor_momentum_equals_float_momentum(impl, t_dtype, s_dtype):
                 assert torch.equal(out, e)
 
 
+@pytest.mark.parametrize("m", [0.996, 0.99999, 1 - 1e-9])
+def test_float64_tensor_momentum_is_bit_identical_to_float(m):
+    """λ near 1: the kernel forms 1−λ in fp64 like the reference's Python
+    float, so a fp64 device schedule gives the float result bit for bit."""
+    teacher, student = _make([4099, 5], torch.float32, torch.float32)
+    expect = [t.clone() for t in teacher]
+    ema_update_reference_(expect, student, m)
+    ema_update_(teacher, student, torch.tensor(m, dtype=torch.float64), impl="triton")
+    for out, e in zip(teacher, expect):
+        assert torch.equal(out, e)
+
+
 def test_repeated_steps_follow_schedule_and_reuse_table(monkeypatch):
     """Five steps with schedule momenta (tensor, as the training loop passes
     them) match the loop; the block table is built once and reused."""
@@ -251,6 +263,8 @@ def test_error_messages():
         ema_update_(a, b, 1.5)
     with pytest.raises(ValueError, match="momentum tensor must have one element"):
         ema_update_(a, b, torch.tensor([0.9, 0.9]))
+    with pytest.raises(TypeError, match="momentum tensor must be floating point"):
+        ema_update_(a, b, torch.tensor(1))
     with pytest.raises(ValueError, match="impl must be one of"):
         ema_update_(a, b, 0.9, impl="cuda")
     with pytest.raises(TypeError, match="got a single tensor"):
