@@ -312,6 +312,11 @@ def test_vit_b8_dino_param_shapes_match_the_architecture():
     expect.update({"head.last_layer." + k: tuple(p.shape) for k, p in last.named_parameters()})
     assert shapes == expect
     assert sum(math.prod(s) for s in shapes.values()) == 85_807_872 + 23_138_560  # ≈ 109 M
+    # and the project's own model, in student.parameters() order
+    from dino_fast.model import DINOHead, MultiCropWrapper, vit_base
+    with torch.device("meta"):
+        model = MultiCropWrapper(vit_base(patch_size=8), DINOHead(768, 65536))
+    assert list(shapes.items()) == [(k, tuple(p.shape)) for k, p in model.named_parameters()]
 
 
 def test_compile_specs_cover_every_launch_variant():
