@@ -31,7 +31,9 @@ class MultiCropWrapper(nn.Module):
         feats, start = [], 0
         while start < len(x):
             end = start + 1
-            while end < len(x) and x[end].shape[-1] == x[start].shape[-1]:
+            # the reference compares widths only (and fails on equal widths with other
+            # heights); comparing (H, W) groups the same crops wherever it works
+            while end < len(x) and x[end].shape[-2:] == x[start].shape[-2:]:
                 end += 1
             out = self.backbone(torch.cat(x[start:end]) if end - start > 1 else x[start])
             feats.append(out[0] if isinstance(out, tuple) else out)
