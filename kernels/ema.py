@@ -77,7 +77,6 @@ BLOCK = 4096
 NUM_WARPS = 8
 NUM_STAGES = 1          # no loop to pipeline
 ALIGN_BYTES = 16        # 128-bit vector access
-TABLE_COLS = 3          # (teacher address, student address, valid elements)
 
 _TL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 IMPLS = ("auto", "triton", "foreach", "loop")
