@@ -20,7 +20,7 @@ from PIL import Image
 from dino_fast.pipelines import (ArraySource, BadImageError, MultiCropLoader, SourceError, decode_rgb,
                                  open_source)
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera")
 SMALL = dict(global_size=64, local_size=32, local_crops_number=2)
 
 

@@ -1,0 +1,147 @@
+"""DALI backend of MultiCropLoader: host reader + DALI graph + hand-off to torch.
+
+The host side (`HostReader`, called by DALI's external source once per batch)
+reads each sample's bytes, checks them cheaply (header + end marker, see
+`images.inspect_encoded`), replaces a bad file by the next readable one
+(on_error="skip", logged by name) or raises (on_error="fail"), transcodes the
+rare formats the GPU decoder would treat differently from PIL (CMYK, 16-bit,
+palette, alpha) into 8-bit RGB PNG, and draws the sample's augmentation
+decisions. The graph (dali_pipeline.py) does the pixels. Outputs are copied
+into torch tensors on the loader's device (stream-ordered on the GPU).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .dali_params import draw_params
+from .images import BadImageError, decode_rgb, inspect_encoded
+from .sampling import sample_seed
+
+log = logging.getLogger(__name__)
+MAX_CONSECUTIVE_BAD = 64
+
+
+class HostReader:
+    """DALI external-source callback: BatchInfo -> (encoded, labels, params) lists."""
+
+    def __init__(self, source, cfg, seed: int, on_error: str, batch_size: int, threads: int):
+        self.source, self.cfg, self.seed, self.on_error = source, cfg, seed, on_error
+        self.batch_size = batch_size
+        self.indices = np.zeros(0, dtype=np.int64)
+        self.epoch = 0
+        self.skipped: list[str] = []
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def start_epoch(self, indices: np.ndarray, epoch: int) -> None:
+        self.indices, self.epoch, self.skipped = indices, epoch, []
+
+    def _load(self, i: int):
+        """-> (array for DALI, height, width) of image i, or BadImageError."""
+        src = self.source
+        if not src.encoded:
+            arr = src.read_array(i)
+            return np.ascontiguousarray(arr), arr.shape[0], arr.shape[1]
+        name = src.name(i)
+        try:
+            data = src.read(i)
+        except OSError as err:
+            raise BadImageError(f"{name}: cannot read ({err})") from None
+        info = inspect_encoded(data, name)
+        if not info.gpu_decodable:       # CMYK, 16-bit, palette, alpha, other formats: PIL path
+            buf = io.BytesIO()
+            decode_rgb(data, name).save(buf, format="PNG", compress_level=1)
+            data = buf.getvalue()
+        return np.frombuffer(data, dtype=np.uint8), info.height, info.width
+
+    def _sample(self, index: int):
+        i, n, skipped = int(index), len(self.source), []
+        while True:
+            try:
+                arr, h, w = self._load(i)
+                break
+            except BadImageError as err:
+                if self.on_error == "fail":
+                    raise
+                log.warning("skipping bad image: %s", err)
+                skipped.append(self.source.name(i))
+                if len(skipped) >= min(MAX_CONSECUTIVE_BAD, n):
+                    raise BadImageError(f"{len(skipped)} consecutive unreadable images from "
+                                        f"{skipped[0]}; is the data corrupt?") from None
+                i = (i + 1) % n
+        rng = np.random.default_rng(sample_seed(self.seed, self.epoch, i))
+        params = draw_params(rng, h, w, self.cfg)
+        return arr, np.int64(self.source.labels[i]), params, skipped
+
+    def __call__(self, info):
+        start = info.iteration * self.batch_size
+        batch = self.indices[start:start + self.batch_size]
+        if len(batch) == 0:
+            raise StopIteration
+        samples = list(self.pool.map(self._sample, batch) if self.pool else map(self._sample, batch))
+        for s in samples:
+            self.skipped += s[3]
+        return [s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples]
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A uniform DALI TensorList -> torch tensor on `device` (a copy)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    dense = tensor_list.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out
+
+
+class DaliMultiCrop:
+    """Builds the pipeline once; `epoch(indices, epoch)` yields (crops, labels, skipped)."""
+
+    def __init__(self, loader, return_params: bool = False):
+        from .dali_pipeline import multicrop_pipeline
+        self.loader = loader
+        self.return_params = return_params
+        on_gpu = loader.device.type == "cuda"
+        threads = max(1, loader.num_workers)
+        self.reader = HostReader(loader.source, loader.config, loader.seed, loader.on_error,
+                                 loader.batch_size, threads)
+        self.ncrops = loader.config.ncrops
+        device_id = (loader.device.index if loader.device.index is not None else torch.cuda.current_device()
+                     ) if on_gpu else None
+        self.pipe = multicrop_pipeline(
+            source=self.reader, cfg=loader.config, device="gpu" if on_gpu else "cpu",
+            encoded=loader.source.encoded, half=loader.dtype == torch.float16,
+            batch_size=loader.batch_size, num_threads=threads, device_id=device_id,
+            seed=int(loader.seed) + 7919 * int(loader.rank), prefetch_queue_depth=2,
+            exec_dynamic=True)
+        self.pipe.build()
+        self._state = "fresh"   # fresh | running | done (the last epoch ran to its end)
+
+    def epoch(self, indices: np.ndarray, epoch: int):
+        loader = self.loader
+        if loader.drop_last:
+            indices = indices[: (len(indices) // loader.batch_size) * loader.batch_size]
+        if self._state == "running":   # last epoch abandoned half-way: drop its prefetched batches
+            self.__init__(loader, self.return_params)
+        self.reader.start_epoch(indices, epoch)
+        if self._state == "done":
+            self.pipe.reset()
+        self._state = "running"
+        nbatches = -(-len(indices) // loader.batch_size)
+        reported = 0
+        for b in range(nbatches):
+            if b == nbatches - 1:
+                self._state = "done"
+            outs = self.pipe.run()
+            crops = [_to_torch(outs[k], loader.device).to(loader.dtype) for k in range(self.ncrops)]
+            labels = _to_torch(outs[self.ncrops], loader.device)
+            skipped = self.reader.skipped[reported:]
+            reported += len(skipped)
+            if self.return_params:
+                yield crops, labels, skipped, _to_torch(outs[self.ncrops + 1], torch.device("cpu"))
+            else:
+                yield crops, labels, skipped
