@@ -112,8 +112,12 @@ class MultiCropLoader:
     def __iter__(self):
         self.skipped = []
         it = self._impl.epoch(self._indices(), self.epoch) if self._impl else self._torch_epoch()
+        seen = set()
         for crops, labels, skipped in it:
-            self.skipped += skipped
+            for name in skipped:      # a bad file can be hit twice (itself, and as a stand-in)
+                if name not in seen:
+                    seen.add(name)
+                    self.skipped.append(name)
             yield crops, labels
         if self.skipped:
             log.warning("epoch %d: skipped %d bad image(s) on rank %d (on_error='skip'), e.g. %s",

@@ -16,6 +16,7 @@ handles open lazily per process) so DataLoader workers can use them.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -232,5 +233,11 @@ def open_source(spec) -> Source:
         raise SourceError(f"{path}: unsupported source file (expected a .txt list or a .tar shard)")
     shards = sorted(str(p) for p in path.glob("*.tar"))
     if shards:
-        return TarSource(shards)
+        source = TarSource(shards)
+        for meta in sorted(path.glob("*.json")):      # written by `dino-fast pack`
+            try:
+                source.classes = json.loads(meta.read_text()).get("classes")
+            except (ValueError, AttributeError):
+                pass
+        return source
     return _image_folder(path)

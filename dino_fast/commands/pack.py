@@ -1,0 +1,128 @@
+"""`dino-fast pack SRC DST`: pack an image folder into webdataset tar shards.
+
+SRC is anything `MultiCropLoader` reads (ImageFolder tree, flat folder, .txt
+list). Each sample becomes `<key>.jpg|png` (the original bytes; other formats
+are re-encoded as PNG) + `<key>.cls` (the label, when labelled), N samples per
+shard, shards named DST/<prefix>-000000.tar ...; `DST/<prefix>.json` lists the
+class names and counts. Every shard is written to a temporary name and renamed
+when complete, so an interrupted run never leaves a truncated shard behind.
+Bad images are skipped with a warning (or abort with --on-error fail).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+
+import numpy as np
+
+HELP = "pack an image folder into webdataset tar shards"
+log = logging.getLogger("dino_fast.pack")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src", help="ImageFolder tree, flat image folder or .txt file list")
+    parser.add_argument("dst", help="output folder for the .tar shards (created)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed: shards mix classes (default 0)")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    parser.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                        help="bad image: skip it with a warning (default) or stop")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _encoded(data: bytes, name: str) -> tuple[bytes, str]:
+    """(bytes, ext) ready for a shard: JPEG/PNG as they are, the rest re-encoded as PNG."""
+    from dino_fast.pipelines.images import decode_rgb, inspect_encoded
+    info = inspect_encoded(data, name)
+    if info.format == "JPEG":
+        return data, "jpg"
+    if info.format == "PNG":
+        return data, "png"
+    buf = io.BytesIO()
+    decode_rgb(data, name).save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int | None = 0,
+         on_error: str = "skip", overwrite: bool = False, progress: bool = True) -> dict:
+    """Pack `src` into shards under `dst`; returns the summary written to <prefix>.json."""
+    from tqdm import tqdm
+
+    from dino_fast.pipelines.images import BadImageError
+    from dino_fast.pipelines.sources import open_source
+    if shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size}: must be >= 1")
+    source = open_source(src)
+    if not source.encoded:
+        raise ValueError("pack reads files; an in-memory ArraySource has nothing to pack")
+    os.makedirs(dst, exist_ok=True)
+    existing = sorted(f for f in os.listdir(dst) if f.startswith(prefix + "-") and f.endswith(".tar"))
+    if existing and not overwrite:
+        raise FileExistsError(f"{dst} already holds {len(existing)} '{prefix}-*.tar' shards; "
+                              "pass --overwrite or choose another DST / --prefix")
+    for f in existing:
+        os.remove(os.path.join(dst, f))
+    order = np.arange(len(source)) if seed is None else np.random.default_rng(seed).permutation(len(source))
+    shards, skipped, count, mtime = [], [], 0, time.time()
+    tar, tmp_path = None, None
+
+    def close():
+        nonlocal tar
+        tar.close()
+        final = tmp_path[: -len(".tmp")]
+        os.replace(tmp_path, final)
+        shards.append(os.path.basename(final))
+        tar = None
+
+    for i in tqdm(order, desc=f"pack {src}", unit="img", disable=not progress):
+        i = int(i)
+        try:
+            data, ext = _encoded(source.read(i), source.name(i))
+        except (BadImageError, OSError) as err:
+            if on_error == "fail":
+                raise
+            log.warning("skipping bad image: %s", err)
+            skipped.append(source.name(i))
+            continue
+        if tar is None:
+            tmp_path = os.path.join(dst, f"{prefix}-{len(shards):06d}.tar.tmp")
+            tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        key = f"{count:09d}"
+        _member(tar, f"{key}.{ext}", data, mtime)
+        if source.labels[i] >= 0:
+            _member(tar, f"{key}.cls", str(int(source.labels[i])).encode(), mtime)
+        count += 1
+        if count % shard_size == 0:
+            close()
+    if tar is not None:
+        close()
+    if count == 0:
+        raise ValueError(f"{src}: every image was unreadable ({len(skipped)} skipped); nothing packed")
+    summary = {"source": str(src), "images": count, "skipped": skipped, "shards": shards,
+               "shard_size": shard_size, "classes": source.classes}
+    meta = os.path.join(dst, f"{prefix}.json")
+    with open(meta + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(meta + ".tmp", meta)
+    return summary
+
+
+def run(args) -> int:
+    summary = pack(args.src, args.dst, shard_size=args.shard_size, prefix=args.prefix,
+                   seed=None if args.no_shuffle else args.seed, on_error=args.on_error,
+                   overwrite=args.overwrite)
+    print(f"packed {summary['images']} images into {len(summary['shards'])} shard(s) in {args.dst}"
+          + (f"; skipped {len(summary['skipped'])} bad file(s), e.g. {summary['skipped'][0]}"
+             if summary["skipped"] else ""))
+    return 0
