@@ -41,8 +41,9 @@ class MomentumSchedule:
     def __getitem__(self, it: int) -> float:
         return float(self.values[it])
 
-    def as_tensor(self, device=None):
-        """The whole schedule on `device` (fp32), so a step can index it
-        without a host round trip."""
+    def as_tensor(self, device=None, dtype=None):
+        """The whole schedule on `device` (float64 by default: the EMA forms
+        1 - momentum from it in fp64, like the reference's Python float), so a
+        step can index it without a host round trip."""
         import torch
-        return torch.as_tensor(self.values, dtype=torch.float32, device=device)
+        return torch.as_tensor(self.values, dtype=dtype or torch.float64, device=device)
