@@ -1,0 +1,151 @@
+"""`dino-fast kernels`: compile every Triton kernel ahead of time for real GPU
+targets (no GPU needed) and report registers, spills, shared memory,
+estimated occupancy and waves for the default problem sizes.
+
+Exits 1 naming the kernel, configuration and arch when a compile fails or a
+kernel spills more than --max-spill-bytes (0 by default); 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HELP = "compile every Triton kernel ahead of time, report registers/spills"
+
+COLUMNS = ("kernel", "dtype", "config", "arch", "regs/thread", "spill B", "smem B",
+           "blocks/SM", "waves")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--arch", default=None,
+                        help="comma-separated targets among sm_80, sm_90, sm_100 (default: sm_80,sm_90 "
+                             "and sm_100 where the bundled ptxas supports it)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--max-spill-bytes", type=int, default=0,
+                        help="spill budget per thread, stores + loads (default 0: no spills)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="compile worker processes (default: min(2, cores))")
+    parser.add_argument("--output", default=None,
+                        help="directory to write kernels_<arch>.json and .md into (e.g. bench/results)")
+    parser.add_argument("--modules", default=None,
+                        help="comma-separated kernel modules ('module' or 'module:function'); "
+                             "default: every module in dino_fast.kernels.aot.KERNEL_MODULES")
+
+
+def _cell(row, col: str) -> str:
+    if not row.ok:
+        return {"kernel": row.kernel, "dtype": row.dtype, "config": row.config,
+                "arch": row.arch}.get(col, "FAILED" if col == "regs/thread" else "-")
+    values = {"kernel": row.kernel, "dtype": row.dtype, "config": row.config, "arch": row.arch,
+              "regs/thread": str(row.regs), "spill B": str(row.spill_bytes),
+              "smem B": str(row.smem_bytes), "blocks/SM": f"{row.blocks_per_sm} ({row.limiter})",
+              "waves": "-" if row.waves is None else f"{row.waves} (grid {row.grid})"}
+    return values[col]
+
+
+def markdown_table(rows) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _print_table(rows) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown_table(rows))
+        return
+    table = Table(title="Triton kernels, ahead-of-time compile (ptxas -v)")
+    for col in COLUMNS:
+        table.add_column(col, justify="right" if col not in ("kernel", "dtype", "config") else "left")
+    for r in rows:
+        style = None if r.ok and r.spill_bytes == 0 else "red"
+        table.add_row(*[_cell(r, c) for c in COLUMNS], style=style)
+    Console(width=200).print(table)
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: str, rows, arch_names: list[str], max_spill: int) -> list[str]:
+    """kernels_<arch>.json and .md for every arch that has rows."""
+    import triton
+
+    from dino_fast.kernels.aot import ARCHS
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name in arch_names:
+        name = name.rstrip("?")
+        arch_rows = [r for r in rows if r.arch == name]
+        if not arch_rows:
+            continue
+        arch = ARCHS[name]
+        meta = {"arch": name, "ptxas_gpu_name": arch.ptxas_name, "occupancy_device": arch.device,
+                "sms": arch.sms, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"),
+                "commit": _git_commit(), "triton": triton.__version__, "max_spill_bytes": max_spill}
+        base = os.path.join(out_dir, f"kernels_{name.replace('_', '')}")
+        _write_atomic(base + ".json", json.dumps({**meta, "rows": [r.to_dict() for r in arch_rows]},
+                                                 indent=1) + "\n")
+        md = (f"# Triton kernels on {name} ({arch.ptxas_name}), ahead-of-time compile\n\n"
+              f"Generated by `dino-fast kernels --arch {name} --output {out_dir}` on {meta['date']} "
+              f"(commit {meta['commit']}, triton {meta['triton']}). Registers, spills and shared memory "
+              f"from the bundled `ptxas -v`; blocks/SM (limiting resource) and waves estimated for "
+              f"the {arch.device} ({arch.sms} SMs) at each kernel's default problem.\n\n"
+              + markdown_table(arch_rows) + "\n")
+        _write_atomic(base + ".md", md)
+        written += [base + ".json", base + ".md"]
+    return written
+
+
+def run(args) -> int:
+    from dino_fast.kernels import aot
+    try:
+        arch_names = aot.parse_arches(args.arch)
+    except ValueError as exc:
+        print(f"dino-fast kernels: {exc}", file=sys.stderr)
+        return 2
+    entries = ([m.strip() for m in args.modules.split(",") if m.strip()] if args.modules
+               else list(aot.KERNEL_MODULES))
+    if not entries:
+        print("dino-fast kernels: no kernel modules to compile", file=sys.stderr)
+        return 2
+    if args.max_spill_bytes < 0:
+        print("dino-fast kernels: --max-spill-bytes must be >= 0", file=sys.stderr)
+        return 2
+    rows, notes = aot.compile_all(entries, arch_names, jobs=args.jobs)
+    problems = aot.failures(rows, args.max_spill_bytes)
+    if args.output:
+        written = write_results(args.output, rows, arch_names, args.max_spill_bytes)
+        notes = notes + [f"wrote {p}" for p in written]
+    if args.json:
+        print(json.dumps({"rows": [r.to_dict() for r in rows], "failures": problems, "notes": notes,
+                          "max_spill_bytes": args.max_spill_bytes}, indent=1))
+    else:
+        _print_table(rows)
+        for note in notes:
+            print(note)
+        ok = sum(r.ok for r in rows)
+        print(f"{ok}/{len(rows)} kernel configurations compiled; spill budget "
+              f"{args.max_spill_bytes} B per thread")
+    for p in problems:
+        print(f"dino-fast kernels: FAIL {p}", file=sys.stderr)
+    return 1 if problems else 0
