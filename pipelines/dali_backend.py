@@ -88,14 +88,17 @@ class HostReader:
         return [s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples]
 
 
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    """A uniform DALI TensorList -> torch tensor on `device` (a copy)."""
+def _to_torch(tensor_list, device: torch.device, stream=None) -> torch.Tensor:
+    """A uniform DALI TensorList -> torch tensor on `device` (a copy; GPU lists are
+    copied on `stream`, host lists through host memory)."""
+    from nvidia.dali.backend import TensorListGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
     dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(dense, out, cuda_stream=stream)
-    return out
+    on_gpu = isinstance(tensor_list, TensorListGPU)
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
+                      device=device if on_gpu else torch.device("cpu"))
+    feed_ndarray(dense, out, cuda_stream=stream if on_gpu else None)
+    return out if out.device == device else out.to(device)
 
 
 class DaliMultiCrop:
@@ -119,6 +122,7 @@ class DaliMultiCrop:
             seed=int(loader.seed) + 7919 * int(loader.rank), prefetch_queue_depth=2,
             exec_dynamic=True)
         self.pipe.build()
+        self.copy_stream = torch.cuda.Stream(loader.device) if on_gpu else None
         self._state = "fresh"   # fresh | running | done (the last epoch ran to its end)
 
     def epoch(self, indices: np.ndarray, epoch: int):
@@ -136,12 +140,26 @@ class DaliMultiCrop:
         for b in range(nbatches):
             if b == nbatches - 1:
                 self._state = "done"
-            outs = self.pipe.run()
-            crops = [_to_torch(outs[k], loader.device).to(loader.dtype) for k in range(self.ncrops)]
-            labels = _to_torch(outs[self.ncrops], loader.device)
+            outs = list(self.pipe.run())
+            if self.copy_stream is None:
+                crops = [_to_torch(outs[k], loader.device) for k in range(self.ncrops)]
+            else:
+                # Copy on a side stream and wait for those copies only (not for the model's work
+                # queued on the current stream): DALI may reuse its buffers once `outs` is dropped.
+                # The tensors come from the side stream's pool; record_stream keeps the allocator
+                # from recycling them while the current stream still uses them.
+                with torch.cuda.stream(self.copy_stream):
+                    crops = [_to_torch(outs[k], loader.device, self.copy_stream) for k in range(self.ncrops)]
+                self.copy_stream.synchronize()
+                current = torch.cuda.current_stream(loader.device)
+                for c in crops:
+                    c.record_stream(current)
+            del outs[: self.ncrops]
+            crops = [c.to(loader.dtype) for c in crops]
+            labels = _to_torch(outs[0], loader.device)
             skipped = self.reader.skipped[reported:]
             reported += len(skipped)
             if self.return_params:
-                yield crops, labels, skipped, _to_torch(outs[self.ncrops + 1], torch.device("cpu"))
+                yield crops, labels, skipped, _to_torch(outs[1], torch.device("cpu"))
             else:
                 yield crops, labels, skipped
