@@ -118,6 +118,17 @@ def test_init_distributed_plain_process(monkeypatch):
         init_distributed(backend="mpi")
 
 
+def test_init_distributed_adopts_an_existing_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        info = init_distributed(timeout_minutes=5)
+        assert (info.rank, info.world_size, info.backend, info.launcher) == (0, 1, "gloo", "existing")
+        assert info.is_distributed and info.device == torch.device("cpu")
+    finally:
+        launch.cleanup()
+    assert not dist.is_initialized()
+
+
 # ----------------------------------------------------------------------------- named collectives
 def test_named_collective_wraps_errors_without_a_process_group():
     def broken():

@@ -198,6 +198,11 @@ def test_oom_error_when_the_plan_expected_a_fit():
     assert "already on" in ck
     cfg = SimpleNamespace(arch="vit_small", patch_size=16, out_dim=4096, batch_size_per_gpu=8, local_crops_number=0)
     assert "No local crops" in str(oom_error(RuntimeError("oom"), cfg=cfg))
+    # no plan, or a config the plan cannot read: still the OOM with the remedies, never a second error
+    for bare in (oom_error(RuntimeError("CUDA out of memory."), None),
+                 oom_error(RuntimeError("CUDA out of memory."), cfg=SimpleNamespace(arch="resnet50"))):
+        assert isinstance(bare, TrainingOutOfMemoryError)
+        assert all(s in str(bare) for s in ("--grad_accum_steps", "--activation_checkpointing", "--local_crops_number"))
 
 
 # ----------------------------------------------------------------------------- GPU: estimate vs measured

@@ -57,7 +57,7 @@ class DistInfo:
     device: torch.device
     backend: str | None
     is_distributed: bool
-    launcher: str = "plain"          # "plain" | "torchrun" | "slurm"
+    launcher: str = "plain"          # "plain" | "torchrun" | "slurm" | "existing" (group made by the caller)
     timeout_minutes: float = 30.0
 
     @property
@@ -252,6 +252,14 @@ def init_distributed(timeout_minutes: float = 30, backend: str | None = None,
     global _WATCHDOG, _INFO
     if timeout_minutes <= 0:
         raise LaunchError(f"dist_timeout must be positive minutes, got {timeout_minutes}")
+    if dist.is_available() and dist.is_initialized():   # set up by the caller (tests, notebooks): adopt it
+        backend = dist.get_backend()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
+        _INFO = DistInfo(rank, world, local, device, backend, True, "existing", timeout_minutes)
+        log.info("launch: using the existing process group (rank %d/%d, %s)", rank, world, backend)
+        return _INFO
     launch = detect_launch()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -434,15 +434,22 @@ def _accum_for(batch: int, max_micro: int, current: int) -> int | None:
 def oom_error(exc: BaseException, plan: MemoryPlan | None = None, cfg=None, world_size: int = 1) -> RuntimeError:
     """Turn `torch.OutOfMemoryError` from a training step into an error a user can act on.
 
-    Give the run's plan (or its config, from which the plan is built). Returns the new
+    Give the run's plan (or its config, from which the plan is built; without either, or if the
+    plan cannot be built, the message has the remedies without numbers). Returns the new
     exception; the caller raises it: `raise oom_error(e, plan) from e`.
     """
-    if plan is None:
-        if cfg is None:
-            raise ValueError("oom_error needs the run's memory plan or its config")
-        plan = memory_plan_from_config(cfg, world_size)
-    x = plan.inputs
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if plan is None and cfg is not None:
+        try:
+            plan = memory_plan_from_config(cfg, world_size)
+        except (AttributeError, TypeError, ValueError):   # the plan is a help, never a second failure
+            plan = None
+    if plan is None:
+        return TrainingOutOfMemoryError(
+            f"CUDA out of memory in a training step ({first}). Remedies: a smaller micro-batch with the same "
+            f"optimisation (raise --grad_accum_steps), --activation_checkpointing true, or fewer "
+            f"--local_crops_number; `dino-fast train --dry_run` with the same flags prints the memory plan.")
+    x = plan.inputs
     b, micro, acc = x.batch_size_per_gpu, plan.micro_batch, x.grad_accum_steps
     max_now = plan.max_micro_batch()
     lines = [
