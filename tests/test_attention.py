@@ -143,3 +143,28 @@ def test_packed_equals_per_group_wrapper_same_model(backend):
     w.packed = True
     b = w(crops)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "flash", "xformers"])
+def test_packed_model_equals_reference_per_group_cuda(backend):
+    """On the GPU: packed model (bf16 autocast) vs the reference per-group model
+    (fp32), forward and the gradient of the patch embedding."""
+    if backend == "xformers" and not HAS_XFORMERS:
+        pytest.skip("xformers is not installed")
+    if backend == "flash" and not has_varlen():
+        pytest.skip("torch.nn.attention.varlen is not in this torch")
+    torch.manual_seed(0)
+    rb = ref.vit_small(patch_size=8, depth=4).cuda()
+    mb = dm.vit_small(patch_size=8, depth=4, attention=backend).cuda()
+    mb.load_state_dict(rb.state_dict(), strict=True)
+    crops = [torch.randn(4, 3, 64, 64, device="cuda")] * 2 + [torch.randn(4, 3, 32, 32, device="cuda")] * 10
+    want = torch.cat([rb(torch.cat(crops[:2])), rb(torch.cat(crops[2:]))])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = mb(crops).float()
+    assert (got - want).abs().max() <= 5e-2 * want.abs().max(), backend
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    gr, gm = rb.patch_embed.proj.weight.grad, mb.patch_embed.proj.weight.grad
+    assert (gm - gr).abs().max() <= 1e-1 * gr.abs().max(), backend

@@ -120,25 +120,55 @@ def _cu_seqlens(layout: PackedLayout, device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _flex_block_mask(layout: PackedLayout, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
-    doc = torch.repeat_interleave(torch.arange(layout.total_rows, device=device),
-                                  torch.tensor(layout.seqlens, device=device))  # (T,) row id per token
+    doc = torch.cat([torch.arange(layout.row_offsets[g], layout.row_offsets[g + 1], device=device)
+                     .repeat_interleave(n) for g, _, _, _, n in layout.groups()])  # (T,) row id per token
 
     def same_row(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    return create_block_mask(same_row, None, None, layout.total_tokens, layout.total_tokens, device=device)
+    # compiled on CUDA: the eager path evaluates the mask on all T x T pairs in memory
+    return create_block_mask(same_row, None, None, layout.total_tokens, layout.total_tokens, device=device,
+                             _compile=device.type == "cuda")
 
 
-@functools.lru_cache(maxsize=None)
-def _flex_fn(compiled: bool):
+_COMPILED_FLEX = []
+
+
+def _flex(q, k, v, block_mask, scale):
+    """flex_attention, compiled on CUDA (eager flex materializes the scores).
+    Inside an outer torch.compile the plain op is traced and compiled there."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0](q, k, v, block_mask=block_mask, scale=scale)
+
+
+NEEDS_AUX = ("xformers", "flash", "flex")
+
+
+@torch.compiler.disable
+def attention_aux(layout: PackedLayout, backend: str, device: torch.device):
+    """The mask object a one-launch backend needs for `layout` (cached per layout
+    and device). Called once per forward, outside the blocks, and kept out of
+    torch.compile graphs (one graph break per forward instead of one per block)."""
+    if backend in _CUDA_ONLY and device.type != "cuda":
+        return None
+    if backend == "xformers":
+        return _xformers_mask(layout) if layout.num_groups > 1 else None
+    if backend == "flash":
+        return _cu_seqlens(layout, device)
+    if backend == "flex":
+        return _flex_block_mask(layout, device)
+    return None
 
 
 # ---------------------------------------------------------------- dispatch
 def packed_attention(qkv: torch.Tensor, layout: PackedLayout, heads: int, scale: float,
-                     backend: str, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Block-diagonal self-attention of packed qkv (T, 3D) -> (T, D)."""
+                     backend: str, dropout_p: float = 0.0, training: bool = False, aux=None) -> torch.Tensor:
+    """Block-diagonal self-attention of packed qkv (T, 3D) -> (T, D).
+    aux: `attention_aux(layout, backend, device)`, computed here when None."""
     T, three_d = qkv.shape
     D = three_d // 3
     hd = D // heads
@@ -158,22 +188,22 @@ def packed_attention(qkv: torch.Tensor, layout: PackedLayout, heads: int, scale:
             bias = None
         else:
             q, k, v = qkv.view(1, T, 3, heads, hd).unbind(2)  # (1, T, H, hd) each
-            bias = _xformers_mask(layout)
+            bias = aux if aux is not None else _xformers_mask(layout)
         return memory_efficient_attention(q, k, v, attn_bias=bias, p=p, scale=scale).reshape(T, D)
     if backend == "flash":
         from torch.nn.attention.varlen import varlen_attn
         if p:
             raise ValueError("attention='flash' (varlen_attn) has no attention dropout: use 'sdpa'")
         q, k, v = qkv.view(T, 3, heads, hd).unbind(1)  # (T, H, hd) each
-        cu = _cu_seqlens(layout, qkv.device)
+        cu = aux if aux is not None else _cu_seqlens(layout, qkv.device)
         n = layout.max_tokens
         return varlen_attn(q, k, v, cu, cu, n, n, scale=scale).reshape(T, D)
     if backend == "flex":
         if p:
             raise ValueError("attention='flex' has no attention dropout: use 'sdpa'")
         q, k, v = qkv.view(T, 3, heads, hd).permute(1, 2, 0, 3).unsqueeze(1).unbind(0)  # (1, H, T, hd)
-        mask = _flex_block_mask(layout, qkv.device)
-        out = _flex_fn(qkv.device.type == "cuda")(q, k, v, block_mask=mask, scale=scale)
+        mask = aux if aux is not None else _flex_block_mask(layout, qkv.device)
+        out = _flex(q, k, v, mask, scale)  # (1, H, T, hd)
         return out[0].transpose(0, 1).reshape(T, D)
     raise ValueError(f"unknown attention backend {backend!r}")
 

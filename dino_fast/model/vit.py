@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dino_fast.model.attention import _group_qkv, math_attention, packed_attention, resolve_backend
+from dino_fast.model.attention import (NEEDS_AUX, _group_qkv, attention_aux, math_attention, packed_attention,
+                                       resolve_backend)
 from dino_fast.model.layout import PackedLayout
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,10 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: PackedLayout, aux=None) -> torch.Tensor:
         qkv = self.qkv(x)  # (T, 3D)
         out = packed_attention(qkv, layout, self.num_heads, self.scale, self.backend,
-                               self.attn_drop.p, self.training)  # (T, D)
+                               self.attn_drop.p, self.training, aux)  # (T, D)
         return self.proj_drop(self.proj(out))
 
     def attention_probs(self, x: torch.Tensor, layout: PackedLayout) -> list[torch.Tensor]:
@@ -107,8 +108,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), layout), layout)
+    def forward(self, x: torch.Tensor, layout: PackedLayout, aux=None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), layout, aux), layout)
         x = x + self.drop_path(self.mlp(self.norm2(x)), layout)
         return x
 
@@ -249,10 +250,13 @@ class VisionTransformer(nn.Module):
         x = tokens[0] if len(tokens) == 1 else torch.cat(tokens)  # (T, D)
         return x, PackedLayout(tuple(rows), tuple(lens))
 
-    def _run_block(self, blk: Block, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    def _aux(self, x: torch.Tensor, layout: PackedLayout):
+        return attention_aux(layout, self.attention, x.device) if self.attention in NEEDS_AUX else None
+
+    def _run_block(self, blk: Block, x: torch.Tensor, layout: PackedLayout, aux) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, layout, use_reentrant=False)
-        return blk(x, layout)
+            return checkpoint(blk, x, layout, aux, use_reentrant=False)
+        return blk(x, layout, aux)
 
     @staticmethod
     def cls_rows(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -269,15 +273,17 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """CLS features: (B, D) for a batch, (sum_i B_i, D) crop-major for a list."""
         x, layout = self.pack(x)
+        aux = self._aux(x, layout)
         for blk in self.blocks:
-            x = self._run_block(blk, x, layout)
+            x = self._run_block(blk, x, layout, aux)
         return self.head(self.norm(self.cls_rows(x, layout)))  # (R, D)
 
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the last block, (B, heads, L, L)."""
         x, layout = self.pack(x)
+        aux = self._aux(x, layout)
         for blk in self.blocks[:-1]:
-            x = blk(x, layout)
+            x = blk(x, layout, aux)
         blk = self.blocks[-1]
         probs = blk.attn.attention_probs(blk.norm1(x), layout)
         return probs[0] if len(probs) == 1 else probs
@@ -285,9 +291,10 @@ class VisionTransformer(nn.Module):
     def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Normalized output tokens (B, L, D) of the last `n` blocks."""
         x, layout = self.pack(x)
+        aux = self._aux(x, layout)
         output = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x, layout)
+            x = blk(x, layout, aux)
             if len(self.blocks) - i <= n:
                 out = self.unpack(self.norm(x), layout)
                 output.append(out[0] if len(out) == 1 else out)
