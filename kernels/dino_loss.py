@@ -28,16 +28,17 @@ Kernels and memory traffic (S = V*B*K student elements, Tt = T*B*K teacher)
 1. `_teacher_stats_kernel`, grid (row groups of BLOCK_R, K chunks): one read
    of the teacher; per (row, chunk) online (max, sum-exp, shifted entropy sum)
    and per (row group, column) partial column sums of the raw logits.
-2. `_teacher_finish_kernel`: combines the chunk partials into lse, entropy,
-   max prob per teacher row and reduces the column partials over groups in a
-   fixed order -- deterministic center sums, no atomics. Tiny.
+2. `_teacher_finish_kernel`: combines the chunk partials into lse per teacher
+   row (+ block sums of entropy and max prob) and reduces the column partials
+   over groups in a fixed order -- deterministic center sums, no atomics. Tiny.
 3. `_student_fwd_kernel`, grid (B, K chunks): a program owns batch index b and
    a column chunk for ALL views at once, [views, BLOCK_K] tiles: it reads the
    teacher tile of b once (q_i recomputed from t, c and lse_t), forms Q, then
    reads the student tiles once: online (max, sum-exp, entropy sum) and
    <Q_v, x_v> per (row, chunk).
-4. `_student_finish_kernel` (one program): student lse per row (kept for the
-   backward), loss, health statistics, center norm.
+4. `_student_finish_kernel`: student lse per row (kept for the backward) and
+   block sums of the loss terms and entropies; `_loss_kernel` (one program)
+   adds the block sums in a fixed order: loss, health statistics, |c|. Tiny.
 5. `_student_grad_kernel`, same grid as 3, in the BACKWARD: reads the student
    and teacher tiles again and writes grad_output * (m_v p - Q_v)/(P B tau_s)
    in the input dtype.
@@ -134,18 +135,22 @@ def _combine_chunks(part_ptr, rows, n_rows, n_chunks, BLOCK_RF: tl.constexpr, BL
 
 
 @triton.jit
-def _teacher_finish_kernel(part_ptr, colpart_ptr, c_ptr, lse_ptr, ent_ptr, maxp_ptr, colsum_ptr,
-                           cn_part_ptr, n_rows, n_chunks, n_groups, K,
+def _teacher_finish_kernel(part_ptr, colpart_ptr, c_ptr, lse_ptr, tsum_ptr, colsum_ptr,
+                           B, ncrops, n_rows, n_chunks, n_groups, K,
                            BLOCK_RF: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_C: tl.constexpr):
     p = tl.program_id(0)
-    # rows p*BLOCK_RF ...: lse, entropy and max prob of the teacher rows
+    # rows p*BLOCK_RF ...: lse per teacher row; sums of entropy, pair-weighted
+    # entropy (n_i = V - [i < V]) and max prob over these rows
     rows = p * BLOCK_RF + tl.arange(0, BLOCK_RF)
     row_ok = rows < n_rows
     M, l, a = _combine_chunks(part_ptr, rows, n_rows, n_chunks, BLOCK_RF, BLOCK_CH)
     log_l = tl.log(l)
     tl.store(lse_ptr + rows, M + log_l, mask=row_ok)
-    tl.store(ent_ptr + rows, log_l - a / l, mask=row_ok)
-    tl.store(maxp_ptr + rows, 1.0 / l, mask=row_ok)
+    ent = tl.where(row_ok, log_l - a / l, 0.0)
+    n_i = (ncrops - ((rows // B) < ncrops).to(tl.int32)).to(tl.float32)
+    tl.store(tsum_ptr + 4 * p, tl.sum(ent, 0))
+    tl.store(tsum_ptr + 4 * p + 1, tl.sum(n_i * ent, 0))
+    tl.store(tsum_ptr + 4 * p + 2, tl.sum(tl.where(row_ok, 1.0 / l, 0.0), 0))     # max_k q = 1/l
     # columns p*BLOCK_C ...: column sums over the row groups (fixed order), |c|^2
     cols = p * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < K
@@ -156,7 +161,7 @@ def _teacher_finish_kernel(part_ptr, colpart_ptr, c_ptr, lse_ptr, ent_ptr, maxp_
         ptrs += K
     tl.store(colsum_ptr + cols, acc, mask=col_ok)
     c = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
-    tl.store(cn_part_ptr + p, tl.sum(c * c, 0))
+    tl.store(tsum_ptr + 4 * p + 3, tl.sum(c * c, 0))
 
 
 @triton.jit
@@ -226,50 +231,54 @@ def _student_fwd_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, part_ptr, B, K, ncrops, 
 
 
 @triton.jit
-def _student_finish_kernel(part_ptr, lse_s_ptr, ent_t_ptr, maxp_t_ptr, cn_part_ptr, loss_ptr, stats_ptr,
-                           B, ncrops, n_tv, n_chunks, n_cn, n_pairs,
+def _student_finish_kernel(part_ptr, lse_s_ptr, ssum_ptr, B, n_rows, n_tv, n_chunks,
                            BLOCK_RF: tl.constexpr, BLOCK_CH: tl.constexpr):
-    # student rows: lse (for the backward), entropy, loss terms
-    n_rows = ncrops * B
-    acc_ce = tl.zeros([BLOCK_RF], tl.float32)
-    acc_hs = tl.zeros([BLOCK_RF], tl.float32)
-    for r0 in range(0, n_rows, BLOCK_RF):
-        rows = r0 + tl.arange(0, BLOCK_RF)
-        row_ok = rows < n_rows
-        M, l, a = _combine_chunks(part_ptr, rows, n_rows, n_chunks, BLOCK_RF, BLOCK_CH)
-        cross = tl.sum(tl.load(part_ptr + 3 * n_rows * n_chunks + rows[:, None] * n_chunks
-                               + tl.arange(0, BLOCK_CH)[None, :],
-                               mask=row_ok[:, None] & (tl.arange(0, BLOCK_CH) < n_chunks)[None, :],
-                               other=0.0), 1)
-        log_l = tl.log(l)
-        lse = M + log_l
-        tl.store(lse_s_ptr + rows, lse, mask=row_ok)
-        m_v = (n_tv - ((rows // B) < n_tv).to(tl.int32)).to(tl.float32)
-        acc_ce += tl.where(row_ok, m_v * lse - cross, 0.0)
-        acc_hs += tl.where(row_ok, log_l - a / l, 0.0)
-    # teacher rows: entropy (plain and weighted by the pairs each view is in), max prob
-    n_trows = n_tv * B
-    acc_ht = tl.zeros([BLOCK_RF], tl.float32)
-    acc_htw = tl.zeros([BLOCK_RF], tl.float32)
-    acc_mp = tl.zeros([BLOCK_RF], tl.float32)
-    for r0 in range(0, n_trows, BLOCK_RF):
-        rows = r0 + tl.arange(0, BLOCK_RF)
-        row_ok = rows < n_trows
-        h = tl.load(ent_t_ptr + rows, mask=row_ok, other=0.0)
-        n_i = (ncrops - ((rows // B) < ncrops).to(tl.int32)).to(tl.float32)
-        acc_ht += h
-        acc_htw += n_i * h
-        acc_mp += tl.load(maxp_t_ptr + rows, mask=row_ok, other=0.0)
-    acc_cn = tl.zeros([BLOCK_RF], tl.float32)
-    for p0 in range(0, n_cn, BLOCK_RF):
-        idx = p0 + tl.arange(0, BLOCK_RF)
-        acc_cn += tl.load(cn_part_ptr + idx, mask=idx < n_cn, other=0.0)
+    # rows p*BLOCK_RF ...: student lse (for the backward); sums of the loss
+    # terms m_v lse_v - <Q_v, x_v> and of the entropies over these rows
+    p = tl.program_id(0)
+    rows = p * BLOCK_RF + tl.arange(0, BLOCK_RF)
+    row_ok = rows < n_rows
+    M, l, a = _combine_chunks(part_ptr, rows, n_rows, n_chunks, BLOCK_RF, BLOCK_CH)
+    chs = tl.arange(0, BLOCK_CH)
+    cross = tl.sum(tl.load(part_ptr + 3 * n_rows * n_chunks + rows[:, None] * n_chunks + chs[None, :],
+                           mask=row_ok[:, None] & (chs < n_chunks)[None, :], other=0.0), 1)
+    log_l = tl.log(l)
+    lse = M + log_l
+    tl.store(lse_s_ptr + rows, lse, mask=row_ok)
+    m_v = (n_tv - ((rows // B) < n_tv).to(tl.int32)).to(tl.float32)   # teacher views paired with v
+    tl.store(ssum_ptr + 2 * p, tl.sum(tl.where(row_ok, m_v * lse - cross, 0.0), 0))
+    tl.store(ssum_ptr + 2 * p + 1, tl.sum(tl.where(row_ok, log_l - a / l, 0.0), 0))
+
+
+@triton.jit
+def _loss_kernel(tsum_ptr, ssum_ptr, loss_ptr, stats_ptr, n_t, n_s, n_trows, n_srows, n_pairs, B,
+                 BLOCK: tl.constexpr):
+    """One program: the per-program sums of the finish kernels, in a fixed
+    order, into the loss and the health statistics."""
+    acc_ce = tl.zeros([BLOCK], tl.float32)
+    acc_hs = tl.zeros([BLOCK], tl.float32)
+    for p0 in range(0, n_s, BLOCK):
+        idx = p0 + tl.arange(0, BLOCK)
+        ok = idx < n_s
+        acc_ce += tl.load(ssum_ptr + 2 * idx, mask=ok, other=0.0)
+        acc_hs += tl.load(ssum_ptr + 2 * idx + 1, mask=ok, other=0.0)
+    acc_ht = tl.zeros([BLOCK], tl.float32)
+    acc_htw = tl.zeros([BLOCK], tl.float32)
+    acc_mp = tl.zeros([BLOCK], tl.float32)
+    acc_cn = tl.zeros([BLOCK], tl.float32)
+    for p0 in range(0, n_t, BLOCK):
+        idx = p0 + tl.arange(0, BLOCK)
+        ok = idx < n_t
+        acc_ht += tl.load(tsum_ptr + 4 * idx, mask=ok, other=0.0)
+        acc_htw += tl.load(tsum_ptr + 4 * idx + 1, mask=ok, other=0.0)
+        acc_mp += tl.load(tsum_ptr + 4 * idx + 2, mask=ok, other=0.0)
+        acc_cn += tl.load(tsum_ptr + 4 * idx + 3, mask=ok, other=0.0)
     denom = n_pairs * B * 1.0
     loss = tl.sum(acc_ce, 0) / denom
     tl.store(loss_ptr, loss)
     tl.store(stats_ptr + 0, tl.sum(acc_ht, 0) / (n_trows * 1.0))
-    tl.store(stats_ptr + 1, tl.sum(acc_hs, 0) / (n_rows * 1.0))
-    tl.store(stats_ptr + 2, loss - tl.sum(acc_htw, 0) / denom)
+    tl.store(stats_ptr + 1, tl.sum(acc_hs, 0) / (n_srows * 1.0))
+    tl.store(stats_ptr + 2, loss - tl.sum(acc_htw, 0) / denom)       # KL = CE - pair-weighted H(q)
     tl.store(stats_ptr + 3, tl.sum(acc_mp, 0) / (n_trows * 1.0))
     tl.store(stats_ptr + 4, tl.sqrt(tl.sum(acc_cn, 0)))
 
@@ -323,8 +332,9 @@ _STUDENT_BLOCK_L = (2, 4, 8, 16, 32)   # padded other student views (ncrops - T 
 _STUDENT_WARPS = 8
 _STUDENT_STAGES = 2
 _TEACHER_CFG = dict(BLOCK_R=16, BLOCK_K=128, num_warps=8, num_stages=2)
-_TEACHER_FINISH_CFG = dict(BLOCK_RF=64, BLOCK_CH=64, BLOCK_C=1024, num_warps=4, num_stages=1)
-_STUDENT_FINISH_CFG = dict(BLOCK_RF=32, BLOCK_CH=64, num_warps=8, num_stages=1)
+_TEACHER_FINISH_CFG = dict(BLOCK_RF=64, BLOCK_CH=64, BLOCK_C=1024, num_warps=8, num_stages=1)
+_STUDENT_FINISH_CFG = dict(BLOCK_RF=32, BLOCK_CH=64, num_warps=4, num_stages=1)
+_LOSS_CFG = dict(BLOCK=128, num_warps=4, num_stages=1)
 _MAX_CHUNKS = _TEACHER_FINISH_CFG["BLOCK_CH"]   # partials per row the finish kernels merge
 _PROGRAMS_PER_SM = 8            # target programs per SM when splitting K into chunks
 _H100_SMS = 132                 # for the compile specs' problem description
@@ -386,8 +396,9 @@ def _plan(B: int, K: int, ncrops: int, n_tv: int, dtype: torch.dtype, n_sm: int)
     cfg_s = _student_config_for(ncrops, n_tv, dtype)
     chunk_s, nch_s = _chunking(K, B, cfg_s["BLOCK_K"], n_sm)
     n_tf = max(_cdiv(n_tv * B, _TEACHER_FINISH_CFG["BLOCK_RF"]), _cdiv(K, _TEACHER_FINISH_CFG["BLOCK_C"]))
+    n_sf = _cdiv(ncrops * B, _STUDENT_FINISH_CFG["BLOCK_RF"])
     return dict(groups=groups, chunk_t=chunk_t, nch_t=nch_t, cfg_s=cfg_s, chunk_s=chunk_s, nch_s=nch_s,
-                n_tf=n_tf, grid_t=(groups, nch_t), grid_s=(B, nch_s), grid_tf=(n_tf,))
+                n_tf=n_tf, n_sf=n_sf, grid_t=(groups, nch_t), grid_s=(B, nch_s))
 
 
 def _n_pairs(ncrops: int, n_tv: int) -> int:
@@ -412,13 +423,11 @@ def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, studen
         BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     lse_t = torch.empty(rows_t, **f32)
-    ent_t = torch.empty(rows_t, **f32)
-    maxp_t = torch.empty(rows_t, **f32)
+    tsum = torch.empty((plan["n_tf"], 4), **f32)
     colsum = torch.empty((1, K), **f32)
-    cn_part = torch.empty(plan["n_tf"], **f32)
     cfg = _TEACHER_FINISH_CFG
-    _teacher_finish_kernel[plan["grid_tf"]](
-        part_t, colpart, center, lse_t, ent_t, maxp_t, colsum, cn_part, rows_t, plan["nch_t"], plan["groups"], K,
+    _teacher_finish_kernel[(plan["n_tf"],)](
+        part_t, colpart, center, lse_t, tsum, colsum, B, ncrops, rows_t, plan["nch_t"], plan["groups"], K,
         BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"], BLOCK_C=cfg["BLOCK_C"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -430,13 +439,17 @@ def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, studen
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     lse_s = torch.empty(VB, **f32)
+    ssum = torch.empty((plan["n_sf"], 2), **f32)
+    cfg = _STUDENT_FINISH_CFG
+    _student_finish_kernel[(plan["n_sf"],)](
+        part_s, lse_s, ssum, B, VB, n_tv, plan["nch_s"], BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
     loss = torch.empty((), **f32)
     stats = torch.empty(5, **f32)
-    cfg = _STUDENT_FINISH_CFG
-    _student_finish_kernel[(1,)](
-        part_s, lse_s, ent_t, maxp_t, cn_part, loss, stats, B, ncrops, n_tv, plan["nch_s"], plan["n_tf"],
-        _n_pairs(ncrops, n_tv), BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = _LOSS_CFG
+    _loss_kernel[(1,)](tsum, ssum, loss, stats, plan["n_tf"], plan["n_sf"], rows_t, VB, _n_pairs(ncrops, n_tv), B,
+                       BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return loss, stats, colsum, lse_t, lse_s
 
 
@@ -698,23 +711,29 @@ def compile_specs() -> list[KernelSpec]:
                          ncrops="i32", n_tv="i32", chunk="i32", inv_ts="fp32", inv_tt="fp32", **tail),
                     ce, cfg["num_warps"], cfg["num_stages"], name, p))
     # dtype-independent (fp32 partials only): one spec each
-    cfg = _TEACHER_FINISH_CFG
     plan = _plan(B, K, V, T, torch.float32, _H100_SMS)
+    prob = dict(B=B, K=K, ncrops=V, n_teacher_views=T)
+    cfg = _TEACHER_FINISH_CFG
     specs.append(KernelSpec(
         "dino_loss_teacher_finish", _teacher_finish_kernel,
-        dict(part_ptr="*fp32", colpart_ptr="*fp32", c_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32",
-             maxp_ptr="*fp32", colsum_ptr="*fp32", cn_part_ptr="*fp32", n_rows="i32", n_chunks="i32",
-             n_groups="i32", K="i32", BLOCK_RF="constexpr", BLOCK_CH="constexpr", BLOCK_C="constexpr"),
+        dict(part_ptr="*fp32", colpart_ptr="*fp32", c_ptr="*fp32", lse_ptr="*fp32", tsum_ptr="*fp32",
+             colsum_ptr="*fp32", B="i32", ncrops="i32", n_rows="i32", n_chunks="i32", n_groups="i32", K="i32",
+             BLOCK_RF="constexpr", BLOCK_CH="constexpr", BLOCK_C="constexpr"),
         dict(BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"], BLOCK_C=cfg["BLOCK_C"]),
-        cfg["num_warps"], cfg["num_stages"], "fp32", dict(B=B, K=K, ncrops=V, n_teacher_views=T, grid=plan["n_tf"])))
+        cfg["num_warps"], cfg["num_stages"], "fp32", dict(prob, grid=plan["n_tf"])))
     cfg = _STUDENT_FINISH_CFG
     specs.append(KernelSpec(
         "dino_loss_student_finish", _student_finish_kernel,
-        dict(part_ptr="*fp32", lse_s_ptr="*fp32", ent_t_ptr="*fp32", maxp_t_ptr="*fp32", cn_part_ptr="*fp32",
-             loss_ptr="*fp32", stats_ptr="*fp32", B="i32", ncrops="i32", n_tv="i32", n_chunks="i32",
-             n_cn="i32", n_pairs="i32", BLOCK_RF="constexpr", BLOCK_CH="constexpr"),
+        dict(part_ptr="*fp32", lse_s_ptr="*fp32", ssum_ptr="*fp32", B="i32", n_rows="i32", n_tv="i32",
+             n_chunks="i32", BLOCK_RF="constexpr", BLOCK_CH="constexpr"),
         dict(BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"]),
-        cfg["num_warps"], cfg["num_stages"], "fp32", dict(B=B, K=K, ncrops=V, n_teacher_views=T, grid=1)))
+        cfg["num_warps"], cfg["num_stages"], "fp32", dict(prob, grid=plan["n_sf"])))
+    cfg = _LOSS_CFG
+    specs.append(KernelSpec(
+        "dino_loss_finish", _loss_kernel,
+        dict(tsum_ptr="*fp32", ssum_ptr="*fp32", loss_ptr="*fp32", stats_ptr="*fp32", n_t="i32", n_s="i32",
+             n_trows="i32", n_srows="i32", n_pairs="i32", B="i32", BLOCK="constexpr"),
+        dict(BLOCK=cfg["BLOCK"]), cfg["num_warps"], cfg["num_stages"], "fp32", dict(prob, grid=1)))
     return specs
 
 

@@ -237,7 +237,7 @@ def test_compile_specs_cover_launcher_configs():
     specs = compile_specs()
     names = {sp.name for sp in specs}
     assert names == {"dino_loss_teacher_stats", "dino_loss_teacher_finish", "dino_loss_student_fwd",
-                     "dino_loss_student_grad", "dino_loss_student_finish"}
+                     "dino_loss_student_grad", "dino_loss_student_finish", "dino_loss_finish"}
     for dtype, dname in dl._DTYPES.items():
         have = {(sp.name, tuple(sorted(sp.constexprs.items())), sp.num_warps, sp.num_stages)
                 for sp in specs if sp.dtype == dname}
