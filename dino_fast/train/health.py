@@ -146,8 +146,8 @@ class CollapseMonitor:
             (e.g. `{k: v.item() for k, v in loss.last_stats.items()}` at a logging step).
         context: the current values to quote in the remedies; recognised keys:
             teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, center_momentum,
-            lr (current scheduled), base_lr (--lr), batch_size (total, all ranks), batch_size_per_gpu, world_size, grad_accum_steps,
-            momentum_teacher, norm_last_layer, step, checkpoint.
+            lr (current scheduled), base_lr (--lr), batch_size (total, all ranks), batch_size_per_gpu,
+            world_size, grad_accum_steps, momentum_teacher, norm_last_layer, step, checkpoint.
         """
         context = context or {}
         mode = None if epoch < self.warmup_teacher_temp_epochs else self.classify(float(stats["teacher_entropy"]))
@@ -237,7 +237,8 @@ class CollapseMonitor:
                 f"(now {_fmt(context, 'norm_last_layer')}), which the reference needs for stability.\n"
                 f"  4. Batch size (now {bs} in total = {bs_gpu} per GPU x {ws} ranks{accum}): the "
                 f"centre is a batch mean, so a tiny batch gives a noisy centre; use a larger total batch "
-                f"(raise --batch_size_per_gpu; --grad_accum_steps makes it fit in memory) or raise --momentum_teacher (now {mt}).")
+                f"(raise --batch_size_per_gpu; --grad_accum_steps makes it fit in memory) or raise "
+                f"--momentum_teacher (now {mt}).")
         if "checkpoint" in context:
             text += f"\nLast checkpoint: {context['checkpoint']}"
         return text

@@ -230,7 +230,7 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
         safety_frac, reserved_gib: usable = gpu_memory·(1 - safety_frac) - reserved_gib.
         input_batches_in_flight: micro-batches of crops on the GPU at once (current + prefetched).
     """
-    d, heads = _arch(arch)
+    _arch(arch)                       # unknown arch -> a clear error before anything else
     depth = depth or 12
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"memory plan: precision {precision!r} is not bf16, fp16 or fp32")
@@ -399,9 +399,12 @@ def format_plan(plan: MemoryPlan) -> str:
                  f"{_mib(plan.head_loss_per_image)}{_mib(plan.head_loss_per_image):>10}")
     lines.append(f"  {'input crops (fp32, ' + str(x.input_batches_in_flight) + ' batches in flight)':<56}"
                  f"{_mib(plan.input_per_image)}{_mib(plan.input_per_image):>10}")
-    lines.append(f"  {'backward working set (+ recomputed block with ckpt)':<56}"
-                 f"{_mib(plan.per_image_bytes(False) - plan.activations_per_image(False) - plan.head_loss_per_image - plan.input_per_image)}"
-                 f"{_mib(plan.per_image_bytes(True) - plan.activations_per_image(True) - plan.head_loss_per_image - plan.input_per_image):>10}")
+    def working(ckpt: bool) -> int:
+        return (plan.per_image_bytes(ckpt) - plan.activations_per_image(ckpt) - plan.head_loss_per_image
+                - plan.input_per_image)
+
+    lines.append(f"  {'backward working set (+ recomputed block with ckpt)':<56}{_mib(working(False))}"
+                 f"{_mib(working(True)):>10}")
     lines.append(f"  {'total per image':<56}{_mib(plan.per_image_bytes(False))}{_mib(plan.per_image_bytes(True)):>10}")
     mb_plain, mb_ckpt = plan.max_micro_batch(False), plan.max_micro_batch(True)
     lines += [
