@@ -28,47 +28,59 @@ SOLARIZE = 12                 # 1: solarize
 NPARAMS = 13
 
 
-def crop_box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
-    """(top, left, h, w): torchvision's RandomResizedCrop sampling rule, numpy RNG."""
-    area = height * width
+def crop_boxes(rng: np.random.Generator, height: int, width: int, scales: np.ndarray,
+               ratio) -> np.ndarray:
+    """(ncrops, 4) int64 (top, left, h, w): torchvision's RandomResizedCrop rule (10
+    attempts of area ~ U(scale) * H * W and log-uniform aspect ratio, the first that
+    fits wins; else the central crop of the closest ratio), for all crops at once."""
+    n = len(scales)
+    area = float(height * width)
+    targets = area * (scales[:, :1] + (scales[:, 1:] - scales[:, :1]) * rng.random((n, 10)))
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    targets = area * rng.uniform(scale[0], scale[1], size=10)
-    aspects = np.exp(rng.uniform(log_lo, log_hi, size=10))
-    ws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)
+    aspects = np.exp(log_lo + (log_hi - log_lo) * rng.random((n, 10)))
+    ws = np.rint(np.sqrt(targets * aspects)).astype(np.int64)                # (n, 10)
     hs = np.rint(np.sqrt(targets / aspects)).astype(np.int64)
-    ok = np.flatnonzero((ws > 0) & (ws <= width) & (hs > 0) & (hs <= height))
-    if ok.size:
-        w, h = int(ws[ok[0]]), int(hs[ok[0]])
-        return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height     # fallback: central crop
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    first = ok.argmax(axis=1)
+    w, h = ws[np.arange(n), first], hs[np.arange(n), first]
+    u = rng.random((n, 2))
+    top = np.minimum((u[:, 0] * (height - h + 1)).astype(np.int64), height - h)
+    left = np.minimum((u[:, 1] * (width - w + 1)).astype(np.int64), width - w)
+    fit = ok.any(axis=1)
+    if not fit.all():                                                         # fallback
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            fw, fh = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            fh, fw = height, int(round(height * max(ratio)))
+        else:
+            fw, fh = width, height
+        w, h = np.where(fit, w, fw), np.where(fit, h, fh)
+        top = np.where(fit, top, (height - fh) // 2)
+        left = np.where(fit, left, (width - fw) // 2)
+    return np.stack([top, left, h, w], axis=1)
 
 
 def draw_params(rng: np.random.Generator, height: int, width: int, cfg: AugmentConfig) -> np.ndarray:
     """All decisions for one image: (ncrops, NPARAMS) float32."""
-    out = np.zeros((cfg.ncrops, NPARAMS), dtype=np.float32)
-    for k, (scale, blur_p) in enumerate(zip(cfg.crop_scales(), cfg.blur_ps())):
-        top, left, h, w = crop_box(rng, height, width, scale, cfg.ratio)
-        u = rng.random(6)
-        jitter = u[1] < cfg.jitter_p
-        row = out[k]
-        row[[Y0, X0, Y1, X1]] = (top, left, top + h, left + w)
-        row[FLIP] = u[0] < cfg.flip_p
-        row[JITTER] = jitter
-        row[[BRIGHTNESS, CONTRAST, SATURATION, HUE]] = (1.0, 1.0, 1.0, 0.0)
-        if jitter:
-            row[BRIGHTNESS] = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
-            row[CONTRAST] = rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
-            row[SATURATION] = rng.uniform(max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)
-            row[HUE] = 360.0 * rng.uniform(-cfg.hue, cfg.hue)
-        row[GRAY] = u[2] < cfg.grayscale_p
-        if u[3] < blur_p:
-            row[SIGMA] = rng.uniform(*cfg.blur_sigma)
-        row[SOLARIZE] = k == 1 and u[4] < cfg.solarize_p
+    n = cfg.ncrops
+    out = np.zeros((n, NPARAMS), dtype=np.float32)
+    box = crop_boxes(rng, height, width, np.asarray(cfg.crop_scales(), dtype=np.float64), cfg.ratio)
+    out[:, Y0], out[:, X0] = box[:, 0], box[:, 1]
+    out[:, Y1], out[:, X1] = box[:, 0] + box[:, 2], box[:, 1] + box[:, 3]
+    u = rng.random((n, 5))
+    out[:, FLIP] = u[:, 0] < cfg.flip_p
+    jitter = u[:, 1] < cfg.jitter_p
+    out[:, JITTER] = jitter
+    lo = np.array([1 - cfg.brightness, max(0.0, 1 - cfg.contrast), max(0.0, 1 - cfg.saturation), -cfg.hue])
+    hi = np.array([1 + cfg.brightness, 1 + cfg.contrast, 1 + cfg.saturation, cfg.hue])
+    factors = lo + (hi - lo) * rng.random((n, 4))
+    factors[~jitter] = (1.0, 1.0, 1.0, 0.0)
+    factors[:, 3] *= 360.0                                                    # hue in degrees
+    out[:, [BRIGHTNESS, CONTRAST, SATURATION, HUE]] = factors
+    out[:, GRAY] = u[:, 2] < cfg.grayscale_p
+    blur = u[:, 3] < np.asarray(cfg.blur_ps())
+    s_lo, s_hi = cfg.blur_sigma
+    out[:, SIGMA] = np.where(blur, s_lo + (s_hi - s_lo) * rng.random(n), 0.0)
+    out[1, SOLARIZE] = u[1, 4] < cfg.solarize_p                                # global 2 only
     return out

@@ -197,3 +197,30 @@ def test_crop_areas_within_scale_and_alike(tmp_path):
         assert (a[:, 2:] >= 0.05 * 0.98).all() and (a[:, 2:] <= 0.4 * 1.02).all()
     assert abs(area[:, :2].mean() - ref[:, :2].mean()) < 0.06     # uniform(0.4, 1): mean 0.7, sd 0.17
     assert abs(area[:, 2:].mean() - ref[:, 2:].mean()) < 0.03     # uniform(0.05, 0.4): mean 0.225
+
+
+def test_crop_box_fallback_is_the_reference_central_crop():
+    """A 20 x 600 strip: no attempt fits, both samplers fall back to the same central crop."""
+    from dino_fast.pipelines.reference import resized_crop_params
+    cfg = AugmentConfig()
+    boxes = P.crop_boxes(np.random.default_rng(0), 20, 600, np.asarray(cfg.crop_scales()), cfg.ratio)
+    expected = resized_crop_params(20, 600, cfg.global_crops_scale, cfg.ratio, torch.Generator().manual_seed(0))
+    assert tuple(boxes[0]) == tuple(boxes[1]) == expected == (0, 286, 20, 27)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pipeline_matches_cpu_pipeline(tmp_path):
+    """Same host-drawn decisions: nvJPEG + GPU ops vs the CPU pipeline, pixel for pixel
+    up to decoder / resampling rounding."""
+    paths = write_photos(tmp_path, 8, size=160)
+    out = {}
+    for device in ("cpu", "cuda"):
+        loader = MultiCropLoader(paths, batch_size=4, backend="dali", device=device, seed=3,
+                                 dtype=torch.float32, num_workers=2, **SMALL)
+        out[device] = [(c, lab) for c, lab in loader]
+        assert all(x.device.type == device for c, _ in out[device] for x in c)
+    for (cc, lc), (gc, lg) in zip(out["cpu"], out["cuda"]):
+        assert lc.tolist() == lg.cpu().tolist()
+        for x, y in zip(cc, gc):
+            err = (denorm(x, AugmentConfig()) - denorm(y.cpu(), AugmentConfig())).abs() * 255
+            assert err.mean() < 2.0 and err.amax(dim=(1, 2, 3)).max() < 64, float(err.mean())
