@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 import dino_fast.model as dm
 import tests.reference_vit as ref
@@ -202,3 +201,8 @@ def test_flops_match_flop_counter_and_design_figures():
     assert vit_forward_flops(m, 96) / 1e9 == pytest.approx(25.5, rel=0.01)
     step = dino_step_flops_per_image(m, 224, 96, 2, 10)
     assert step / 1e12 == pytest.approx(2.0, rel=0.02)
+    with torch.device("meta"):
+        w = dm.MultiCropWrapper(m, dm.DINOHead(768, 65536))
+    # the head adds 46 MFLOP per crop forward: 2 * (768*2048 + 2048^2 + 2048*256 + 256*65536)
+    head = 2 * (768 * 2048 + 2048 ** 2 + 2048 * 256 + 256 * 65536)
+    assert dm.flops_per_image(w) == pytest.approx(step + (3 * 12 + 2) * head, rel=1e-9)

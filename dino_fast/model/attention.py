@@ -104,9 +104,12 @@ def _per_group(qkv, layout: PackedLayout, heads: int, scale: float, dropout_p: f
 
 # ---------------------------------------------------------------- cached masks
 @functools.lru_cache(maxsize=16)
-def _xformers_mask(layout: PackedLayout):
+def _xformers_mask(layout: PackedLayout, device: torch.device):
     from xformers.ops import fmha
-    return fmha.BlockDiagonalMask.from_seqlens(layout.seqlens)
+    try:  # newer xformers build the sequence starts on the device once, here
+        return fmha.BlockDiagonalMask.from_seqlens(layout.seqlens, device=device)
+    except TypeError:
+        return fmha.BlockDiagonalMask.from_seqlens(layout.seqlens)
 
 
 @functools.lru_cache(maxsize=16)
@@ -156,7 +159,7 @@ def attention_aux(layout: PackedLayout, backend: str, device: torch.device):
     if backend in _CUDA_ONLY and device.type != "cuda":
         return None
     if backend == "xformers":
-        return _xformers_mask(layout) if layout.num_groups > 1 else None
+        return _xformers_mask(layout, device) if layout.num_groups > 1 else None
     if backend == "flash":
         return _cu_seqlens(layout, device)
     if backend == "flex":
@@ -188,7 +191,7 @@ def packed_attention(qkv: torch.Tensor, layout: PackedLayout, heads: int, scale:
             bias = None
         else:
             q, k, v = qkv.view(1, T, 3, heads, hd).unbind(2)  # (1, T, H, hd) each
-            bias = aux if aux is not None else _xformers_mask(layout)
+            bias = aux if aux is not None else _xformers_mask(layout, qkv.device)
         return memory_efficient_attention(q, k, v, attn_bias=bias, p=p, scale=scale).reshape(T, D)
     if backend == "flash":
         from torch.nn.attention.varlen import varlen_attn
@@ -197,7 +200,11 @@ def packed_attention(qkv: torch.Tensor, layout: PackedLayout, heads: int, scale:
         q, k, v = qkv.view(T, 3, heads, hd).unbind(1)  # (T, H, hd) each
         cu = aux if aux is not None else _cu_seqlens(layout, qkv.device)
         n = layout.max_tokens
-        return varlen_attn(q, k, v, cu, cu, n, n, scale=scale).reshape(T, D)
+        if _varlen_has_scale():
+            out = varlen_attn(q, k, v, cu, cu, n, n, scale=scale)
+        else:  # torch 2.9/2.10: fixed 1/sqrt(hd) scale, fold ours into q
+            out = varlen_attn(q * (scale * hd ** 0.5) if scale != hd ** -0.5 else q, k, v, cu, cu, n, n)
+        return out.reshape(T, D)
     if backend == "flex":
         if p:
             raise ValueError("attention='flex' has no attention dropout: use 'sdpa'")
@@ -206,6 +213,13 @@ def packed_attention(qkv: torch.Tensor, layout: PackedLayout, heads: int, scale:
         out = _flex(q, k, v, mask, scale)  # (1, H, T, hd)
         return out[0].transpose(0, 1).reshape(T, D)
     raise ValueError(f"unknown attention backend {backend!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_has_scale() -> bool:
+    import inspect
+    from torch.nn.attention.varlen import varlen_attn
+    return "scale" in inspect.signature(varlen_attn).parameters
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,7 +37,7 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor],
     return out
 
 
-def _read(source, where: str) -> Mapping:
+def _read(source) -> Mapping:
     if isinstance(source, Mapping):
         return source
     path = os.fspath(source)
@@ -60,7 +60,7 @@ def load_reference_state_dict(source, key: str | None = "teacher", part: str = "
     if part not in ("backbone", "head", "wrapper"):
         raise ValueError(f"part={part!r}: choose 'backbone', 'head' or 'wrapper'")
     where = source if not isinstance(source, Mapping) else "<state dict>"
-    ckpt = _read(source, where)
+    ckpt = _read(source)
     if key is not None and key in ckpt and isinstance(ckpt[key], Mapping):
         sd = ckpt[key]
     elif any(isinstance(v, Mapping) for v in ckpt.values()) and not any(

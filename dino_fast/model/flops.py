@@ -62,3 +62,14 @@ def multicrop_fwd_bwd_flops(backbone: nn.Module, sizes, batch: int, head: nn.Mod
     """Forward + backward FLOPs of a multi-crop batch (`sizes`: one entry per crop)."""
     hd = head_forward_flops(head) if head is not None else 0.0
     return 3.0 * batch * sum(vit_forward_flops(backbone, s) + hd for s in sizes)
+
+
+def flops_per_image(model: nn.Module, global_size=224, local_size=96, n_global: int = 2, n_local: int = 10,
+                    head: nn.Module | None = None) -> float:
+    """Training FLOPs per image of a DINO step (alias of dino_step_flops_per_image;
+    `model` may be a MultiCropWrapper, whose head is then counted)."""
+    model = getattr(model, "_orig_mod", model)
+    if hasattr(model, "backbone"):
+        head = head if head is not None else model.head
+        model = model.backbone
+    return dino_step_flops_per_image(model, global_size, local_size, n_global, n_local, head=head)
