@@ -1,8 +1,10 @@
 """DALI backend of MultiCropLoader: host reader + DALI graph + hand-off to torch.
 
 The host side (`HostReader`, called by DALI's external source once per batch)
-reads each sample's bytes, checks them cheaply (header + end marker, see
-`images.inspect_encoded`), replaces a bad file by the next readable one
+reads each sample's bytes, checks them (header + end marker, see
+`images.inspect_encoded`; with validate="once", the default, also one full PIL
+decode the first time an image is seen, because JPEG decoders turn garbled
+entropy-coded data into garbage with only a warning), replaces a bad file by the next readable one
 (on_error="skip", logged by name) or raises (on_error="fail"), transcodes the
 rare formats the GPU decoder would treat differently from PIL (CMYK, 16-bit,
 palette, alpha) into 8-bit RGB PNG, and draws the sample's augmentation
@@ -29,8 +31,11 @@ MAX_CONSECUTIVE_BAD = 64
 class HostReader:
     """DALI external-source callback: BatchInfo -> (encoded, labels, params) lists."""
 
-    def __init__(self, source, cfg, seed: int, on_error: str, batch_size: int, threads: int):
+    def __init__(self, source, cfg, seed: int, on_error: str, batch_size: int, threads: int,
+                 validate: str = "once"):
         self.source, self.cfg, self.seed, self.on_error = source, cfg, seed, on_error
+        self.validate = validate
+        self.verified: set[int] = set()   # indices fully decoded once by PIL without error
         self.batch_size = batch_size
         self.indices = np.zeros(0, dtype=np.int64)
         self.epoch = 0
@@ -56,6 +61,11 @@ class HostReader:
             buf = io.BytesIO()
             decode_rgb(data, name).save(buf, format="PNG", compress_level=1)
             data = buf.getvalue()
+        elif self.validate == "once" and i not in self.verified:
+            # libjpeg / nvJPEG decode garbled entropy data into garbage with at most a warning;
+            # PIL raises. One full host decode per image (first epoch), remembered afterwards.
+            decode_rgb(data, name)
+            self.verified.add(i)
         return np.frombuffer(data, dtype=np.uint8), info.height, info.width
 
     def _sample(self, index: int):
@@ -110,8 +120,10 @@ class DaliMultiCrop:
         self.return_params = return_params
         on_gpu = loader.device.type == "cuda"
         threads = max(1, loader.num_workers)
+        verified = self.reader.verified if getattr(self, "reader", None) else set()
         self.reader = HostReader(loader.source, loader.config, loader.seed, loader.on_error,
-                                 loader.batch_size, threads)
+                                 loader.batch_size, threads, loader.validate)
+        self.reader.verified = verified
         self.ncrops = loader.config.ncrops
         device_id = (loader.device.index if loader.device.index is not None else torch.cuda.current_device()
                      ) if on_gpu else None

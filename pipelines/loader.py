@@ -52,7 +52,10 @@ class MultiCropLoader:
     disjoint part of a per-epoch permutation (seed, epoch); `len()` is the
     number of batches per epoch on this rank. Bad images are skipped with a
     warning naming the file (`on_error="skip"`, counted in `.skipped`) or raise
-    (`on_error="fail"`).
+    (`on_error="fail"`). DALI backend: `validate="once"` (default) fully decodes
+    each image once on the host (first epoch) so garbled JPEG data cannot reach
+    the GPU decoder, which would turn it into garbage silently; `"header"` only
+    checks headers and end markers (for shards `dino-fast pack` validated).
     """
 
     def __init__(self, source, batch_size: int, global_crops_scale=(0.4, 1.0),
@@ -60,9 +63,14 @@ class MultiCropLoader:
                  local_size: int = 96, backend: str = "auto", device=None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, drop_last: bool = True, shuffle: bool = True,
                  dtype: torch.dtype = torch.float32, num_workers: int | None = None,
-                 on_error: str = "skip", config: AugmentConfig | None = None, **config_overrides):
+                 on_error: str = "skip", validate: str = "once", config: AugmentConfig | None = None,
+                 **config_overrides):
         if on_error not in ("skip", "fail"):
             raise ValueError(f"on_error={on_error!r}: choose 'skip' or 'fail'")
+        if validate not in ("once", "header"):
+            raise ValueError(f"validate={validate!r}: choose 'once' (full host decode the first time an "
+                             "image is seen) or 'header' (header + end marker only, for packed shards)")
+        self.validate = validate
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -120,8 +128,9 @@ class MultiCropLoader:
                     self.skipped.append(name)
             yield crops, labels
         if self.skipped:
-            log.warning("epoch %d: skipped %d bad image(s) on rank %d (on_error='skip'), e.g. %s",
-                        self.epoch, len(self.skipped), self.rank, ", ".join(self.skipped[:3]))
+            more = f" and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
+            log.warning("epoch %d: skipped %d bad image(s) on rank %d (on_error='skip'): %s%s",
+                        self.epoch, len(self.skipped), self.rank, ", ".join(self.skipped[:20]), more)
 
     def _torch_epoch(self):
         from .torch_backend import MultiCropDataset, make_dataloader

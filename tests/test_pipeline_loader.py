@@ -80,6 +80,12 @@ def test_uneven_split_drop_last_keeps_ranks_in_step(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buf = __import__("io").BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
 def _bad_folder(root) -> dict[str, str]:
     """Good photos + one file per bad-input case; returns case -> path."""
     write_photos(root, 4, size=64)
@@ -104,10 +110,16 @@ def _bad_folder(root) -> dict[str, str]:
     full.unlink()
     cases["empty"] = str(root / "b_empty.jpg")
     (root / "b_empty.jpg").write_bytes(b"")
+    cases["garbled"] = str(root / "b_garbled.jpg")     # header and end marker fine, scan data not
+    data = bytearray(_jpeg_bytes(base))
+    sos = data.find(b"\xff\xda")
+    data[sos + 100: len(data) - 100] = np.random.default_rng(0).integers(0, 256, len(data) - sos - 200,
+                                                                          dtype=np.uint8).tobytes()
+    (root / "b_garbled.jpg").write_bytes(bytes(data))
     return cases
 
 
-UNREADABLE = ("corrupt", "truncated", "empty")
+UNREADABLE = ("corrupt", "truncated", "empty", "garbled")
 
 
 def test_decode_rgb_handles_each_format_like_pil(tmp_path):

@@ -6,7 +6,9 @@ are re-encoded as PNG) + `<key>.cls` (the label, when labelled), N samples per
 shard, shards named DST/<prefix>-000000.tar ...; `DST/<prefix>.json` lists the
 class names and counts. Every shard is written to a temporary name and renamed
 when complete, so an interrupted run never leaves a truncated shard behind.
-Bad images are skipped with a warning (or abort with --on-error fail).
+Every image is decoded once to verify it (so loaders can read the shards with
+validate="header"); bad images are skipped with a warning (or abort with
+--on-error fail).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                         help="bad image: skip it with a warning (default) or stop")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the full decode of every image (faster; corrupt data may get packed)")
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
@@ -41,10 +45,13 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _encoded(data: bytes, name: str) -> tuple[bytes, str]:
-    """(bytes, ext) ready for a shard: JPEG/PNG as they are, the rest re-encoded as PNG."""
+def _encoded(data: bytes, name: str, verify: bool = True) -> tuple[bytes, str]:
+    """(bytes, ext) ready for a shard: JPEG/PNG as they are, the rest re-encoded as PNG.
+    `verify` decodes every image fully once (garbled JPEG data passes a header check)."""
     from dino_fast.pipelines.images import decode_rgb, inspect_encoded
     info = inspect_encoded(data, name)
+    if verify:
+        decode_rgb(data, name)
     if info.format == "JPEG":
         return data, "jpg"
     if info.format == "PNG":
@@ -55,7 +62,8 @@ def _encoded(data: bytes, name: str) -> tuple[bytes, str]:
 
 
 def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int | None = 0,
-         on_error: str = "skip", overwrite: bool = False, progress: bool = True) -> dict:
+         on_error: str = "skip", overwrite: bool = False, progress: bool = True,
+         verify: bool = True) -> dict:
     """Pack `src` into shards under `dst`; returns the summary written to <prefix>.json."""
     from tqdm import tqdm
 
@@ -88,7 +96,7 @@ def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int
     for i in tqdm(order, desc=f"pack {src}", unit="img", disable=not progress):
         i = int(i)
         try:
-            data, ext = _encoded(source.read(i), source.name(i))
+            data, ext = _encoded(source.read(i), source.name(i), verify)
         except (BadImageError, OSError) as err:
             if on_error == "fail":
                 raise
@@ -121,7 +129,7 @@ def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int
 def run(args) -> int:
     summary = pack(args.src, args.dst, shard_size=args.shard_size, prefix=args.prefix,
                    seed=None if args.no_shuffle else args.seed, on_error=args.on_error,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, verify=not args.no_verify)
     print(f"packed {summary['images']} images into {len(summary['shards'])} shard(s) in {args.dst}"
           + (f"; skipped {len(summary['skipped'])} bad file(s), e.g. {summary['skipped'][0]}"
              if summary["skipped"] else ""))
