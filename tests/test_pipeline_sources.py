@@ -6,10 +6,7 @@ bench.
 """
 from __future__ import annotations
 
-import io
-import logging
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -17,8 +14,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from dino_fast.pipelines import (ArraySource, BadImageError, MultiCropLoader, SourceError, decode_rgb,
-                                 open_source)
+from dino_fast.pipelines import ArraySource, MultiCropLoader, SourceError, decode_rgb, open_source
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera")
 SMALL = dict(global_size=64, local_size=32, local_crops_number=2)
@@ -109,8 +105,7 @@ def test_missing_or_empty_source_fails_at_once_naming_it(tmp_path, bad):
     elif bad == "no_match_glob":
         spec, needle = str(tmp_path / "shards-*.tar"), "shards-*.tar"
     else:
-        spec, needle = ArraySource.__new__(ArraySource), "uint8"
-        with pytest.raises(SourceError, match=needle):
+        with pytest.raises(SourceError, match="uint8"):
             ArraySource(np.zeros((2, 8, 8), np.uint16))
         return
     with pytest.raises(SourceError, match=needle.replace("*", r"\*")):
