@@ -55,6 +55,7 @@ All accumulation is fp32; offsets of rows are int64.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -326,7 +327,7 @@ def _student_grad_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, lse_s_ptr, grad_ptr, go
 # One source of truth for every configuration the launcher can pick; the
 # launcher and compile_specs() both read these.
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_TILE_ELEMS = 4096              # logits per loop iteration of the student kernels (fp32 registers)
+_TILE_ELEMS = 3072              # max logits per loop iteration of the student kernels (fp32 registers)
 _STUDENT_BLOCK_T = (2, 4)        # padded teacher views (T <= 4)
 _STUDENT_BLOCK_L = (2, 4, 8, 16, 32)   # padded other student views (ncrops - T <= 32)
 _STUDENT_WARPS = 8
@@ -353,9 +354,9 @@ def _triton_supports(ncrops: int, n_tv: int) -> bool:
             and _pow2_at_least(ncrops - n_tv, _STUDENT_BLOCK_L) is not None)
 
 
-def _student_config(block_t: int, block_l: int, dtype: torch.dtype) -> dict:
+def _student_config(block_t: int, block_l: int) -> dict:
     """Tile of the student kernels: BLOCK_K columns of BLOCK_T paired + BLOCK_L
-    other student rows and BLOCK_T teacher rows, about _TILE_ELEMS logits (the
+    other student rows and BLOCK_T teacher rows, at most _TILE_ELEMS logits (the
     same for every dtype: they live in fp32 registers)."""
     block_k = _TILE_ELEMS // (block_l + 2 * block_t)
     block_k = min(4096, max(32, 1 << (block_k.bit_length() - 1)))      # power of two
@@ -363,13 +364,13 @@ def _student_config(block_t: int, block_l: int, dtype: torch.dtype) -> dict:
                 num_warps=_STUDENT_WARPS, num_stages=_STUDENT_STAGES)
 
 
-def _student_config_for(ncrops: int, n_tv: int, dtype: torch.dtype) -> dict:
+def _student_config_for(ncrops: int, n_tv: int) -> dict:
     if not _triton_supports(ncrops, n_tv):
         raise ValueError(f"dino_loss: impl='triton' supports n_teacher_views <= {_STUDENT_BLOCK_T[-1]} and "
                          f"ncrops - n_teacher_views <= {_STUDENT_BLOCK_L[-1]} (got ncrops={ncrops}, "
                          f"n_teacher_views={n_tv}); use impl='torch'")
     return _student_config(_pow2_at_least(n_tv, _STUDENT_BLOCK_T),
-                           _pow2_at_least(max(ncrops - n_tv, 0), _STUDENT_BLOCK_L), dtype)
+                           _pow2_at_least(max(ncrops - n_tv, 0), _STUDENT_BLOCK_L))
 
 
 def _chunking(K: int, n_row_programs: int, block_k: int, n_sm: int) -> tuple[int, int]:
@@ -382,18 +383,19 @@ def _chunking(K: int, n_row_programs: int, block_k: int, n_sm: int) -> tuple[int
     return chunk, _cdiv(K, chunk)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2      # interpreter: few chunks, but more than one where K allows
 
 
-def _plan(B: int, K: int, ncrops: int, n_tv: int, dtype: torch.dtype, n_sm: int) -> dict:
+def _plan(B: int, K: int, ncrops: int, n_tv: int, n_sm: int) -> dict:
     """Grids and chunking of every kernel for one problem."""
     cfg_t = _TEACHER_CFG
     groups = _cdiv(n_tv * B, cfg_t["BLOCK_R"])
     chunk_t, nch_t = _chunking(K, groups, cfg_t["BLOCK_K"], n_sm)
-    cfg_s = _student_config_for(ncrops, n_tv, dtype)
+    cfg_s = _student_config_for(ncrops, n_tv)
     chunk_s, nch_s = _chunking(K, B, cfg_s["BLOCK_K"], n_sm)
     n_tf = max(_cdiv(n_tv * B, _TEACHER_FINISH_CFG["BLOCK_RF"]), _cdiv(K, _TEACHER_FINISH_CFG["BLOCK_C"]))
     n_sf = _cdiv(ncrops * B, _STUDENT_FINISH_CFG["BLOCK_RF"])
@@ -406,12 +408,13 @@ def _n_pairs(ncrops: int, n_tv: int) -> int:
 
 
 def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, student_temp):
-    """Kernels 1-4. Returns loss (0-dim), stats (5,), colsum (1, K), lse_t, lse_s."""
+    """Kernels 1-4 and the final reduction. Returns loss (0-dim), stats (5,),
+    colsum (1, K), lse_t (T*B,), lse_s (ncrops*B,) -- all fp32, on the device."""
     VB, K = student.shape                      # (ncrops*B, K)
     B = VB // ncrops
     dev = student.device
     f32 = dict(dtype=torch.float32, device=dev)
-    plan = _plan(B, K, ncrops, n_tv, student.dtype, _num_sms(dev))
+    plan = _plan(B, K, ncrops, n_tv, _num_sms(dev))
     inv_tt, inv_ts = 1.0 / teacher_temp, 1.0 / student_temp
     rows_t = n_tv * B
 
@@ -457,7 +460,7 @@ def _triton_grad(student, teacher, center, lse_t, lse_s, grad_output, ncrops, n_
     """Kernel 5: grad_output * d loss / d student, in the student's dtype."""
     VB, K = student.shape
     B = VB // ncrops
-    plan = _plan(B, K, ncrops, n_tv, student.dtype, _num_sms(student.device))
+    plan = _plan(B, K, ncrops, n_tv, _num_sms(student.device))
     grad = torch.empty_like(student)          # (ncrops*B, K)
     coef = 1.0 / (_n_pairs(ncrops, n_tv) * B * student_temp)
     cfg = plan["cfg_s"]
@@ -680,11 +683,11 @@ def compile_specs() -> list[KernelSpec]:
     """Every (kernel, dtype, configuration) the launcher can pick, for AOT
     compilation; problem = programs launched at B=64, K=65536, ncrops=12, T=2."""
     B, K, V, T = 64, 65536, 12, 2
+    plan = _plan(B, K, V, T, _H100_SMS)
+    prob = dict(B=B, K=K, ncrops=V, n_teacher_views=T)
     specs = []
-    for dtype, name in _DTYPES.items():
+    for name in _DTYPES.values():
         ptr = f"*{name}"
-        plan = _plan(B, K, V, T, dtype, _H100_SMS)
-        prob = dict(B=B, K=K, ncrops=V, n_teacher_views=T)
         cfg = _TEACHER_CFG
         specs.append(KernelSpec(
             "dino_loss_teacher_stats", _teacher_stats_kernel,
@@ -694,7 +697,7 @@ def compile_specs() -> list[KernelSpec]:
             dict(prob, grid=math.prod(plan["grid_t"]))))
         for block_t in _STUDENT_BLOCK_T:
             for block_l in _STUDENT_BLOCK_L:
-                cfg = _student_config(block_t, block_l, dtype)
+                cfg = _student_config(block_t, block_l)
                 ce = dict(BLOCK_T=block_t, BLOCK_L=block_l, BLOCK_K=cfg["BLOCK_K"])
                 _, nch = _chunking(K, B, cfg["BLOCK_K"], _H100_SMS)
                 p = dict(prob, grid=B * nch)
@@ -711,8 +714,6 @@ def compile_specs() -> list[KernelSpec]:
                          ncrops="i32", n_tv="i32", chunk="i32", inv_ts="fp32", inv_tt="fp32", **tail),
                     ce, cfg["num_warps"], cfg["num_stages"], name, p))
     # dtype-independent (fp32 partials only): one spec each
-    plan = _plan(B, K, V, T, torch.float32, _H100_SMS)
-    prob = dict(B=B, K=K, ncrops=V, n_teacher_views=T)
     cfg = _TEACHER_FINISH_CFG
     specs.append(KernelSpec(
         "dino_loss_teacher_finish", _teacher_finish_kernel,

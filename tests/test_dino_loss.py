@@ -243,7 +243,7 @@ def test_compile_specs_cover_launcher_configs():
                 for sp in specs if sp.dtype == dname}
         for n_tv in (1, 2, 3, 4):
             for ncrops in range(max(2, n_tv), n_tv + 33):
-                plan = dl._plan(64, 65536, ncrops, n_tv, dtype, 132)
+                plan = dl._plan(64, 65536, ncrops, n_tv, 132)
                 cfg = plan["cfg_s"]
                 key = tuple(sorted((k, cfg[k]) for k in ("BLOCK_T", "BLOCK_L", "BLOCK_K")))
                 for kern in ("dino_loss_student_fwd", "dino_loss_student_grad"):
@@ -255,7 +255,7 @@ def test_compile_specs_cover_launcher_configs():
     # the default problem: 64 batch x 16 chunks for the student kernels at B=64, K=65536
     fwd12 = [sp for sp in specs if sp.name == "dino_loss_student_fwd" and sp.dtype == "bf16"
              and sp.constexprs["BLOCK_L"] == 16 and sp.constexprs["BLOCK_T"] == 2]
-    assert fwd12 and fwd12[0].problem["grid"] == 64 * dl._plan(64, 65536, 12, 2, torch.bfloat16, 132)["nch_s"]
+    assert fwd12 and fwd12[0].problem["grid"] == 64 * dl._plan(64, 65536, 12, 2, 132)["nch_s"]
 
 
 def test_chunking_covers_k():
