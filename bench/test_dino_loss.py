@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
+from dino_fast.kernels import dino_loss as dl
 from dino_fast.kernels.dino_loss import DINOLoss
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 
@@ -38,6 +39,22 @@ def _save(name: str, rec: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+
+
+def _sweep(make, device, s, t, iters):
+    """Fused fwd+bwd time for other tile sizes / warps of the student kernels
+    (data for choosing dl._TILE_ELEMS and dl._STUDENT_WARPS on this device)."""
+    saved = dl._TILE_ELEMS, dl._STUDENT_WARPS
+    out = {}
+    try:
+        for tile in (2048, 3072, 6144):
+            for warps in (4, 8, 16):
+                dl._TILE_ELEMS, dl._STUDENT_WARPS = tile, warps
+                out[f"tile{tile}_warps{warps}"] = time_ms(_step(DINOLoss(**make, impl="triton").to(device), s, t),
+                                                          1, iters)
+    finally:
+        dl._TILE_ELEMS, dl._STUDENT_WARPS = saved
+    return out
 
 
 def _step(loss_fn, s, t):
@@ -86,6 +103,7 @@ def test_dino_loss(benchmark, device, smoke, spec, ncrops, dtype):
             _step(DINOLoss(**make, impl="triton", grad_in_forward=True).to(device), s, t), 1, iters)
         with torch.no_grad():
             extra["forward_only_ms"] = time_ms(lambda: fused(s, t, 0), 1, iters)
+        extra["sweep_ms"] = _sweep(make, device, s, t, iters)
     s.grad = None
     mem = peak_extra_memory(_step(fused, s, t))
     s.grad = None
