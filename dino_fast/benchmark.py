@@ -3,6 +3,9 @@
 Device peaks, CUDA-event timing with warm-up, peak extra memory, and the
 standard fields every benchmark record carries (achieved GB/s or TFLOP/s,
 fraction of the device's peak, ratio to the reference timed in the same run).
+`run_case` times an op and its reference side by side after checking the
+op's output against the reference's; the `bench_case` fixture of
+bench/conftest.py and `dino-fast bench` both use it.
 """
 from __future__ import annotations
 
@@ -22,13 +25,28 @@ class DeviceSpec:
     bf16_tflops: float   # peak dense bf16 tensor throughput, TFLOP/s
 
 
-# name substring -> (kind, GB/s, bf16 dense TFLOP/s); first match wins.
+# name substring -> (kind, GB/s, bf16 dense TFLOP/s); first match wins, so the
+# more specific names come first. Vendor data sheets (dense, no sparsity).
 _PEAKS = (
+    ("GH200", ("gh200", 4000.0, 989.0)),
     ("H200", ("h200", 4800.0, 989.0)),
     ("H100 PCIe", ("h100-pcie", 2000.0, 756.0)),
+    ("H100 NVL", ("h100-nvl", 3900.0, 835.0)),
     ("H100", ("h100", 3350.0, 989.0)),
+    ("A100-SXM4-40GB", ("a100-40gb", 1555.0, 312.0)),
+    ("A100-PCIE-40GB", ("a100-40gb-pcie", 1555.0, 312.0)),
+    ("A100 80GB PCIe", ("a100-pcie", 1935.0, 312.0)),
     ("A100", ("a100", 2039.0, 312.0)),
 )
+UNKNOWN_GPU_TFLOPS = 100.0   # nominal bf16 peak of a GPU not in the table (MFU is then indicative)
+
+
+def peaks_for_name(name: str) -> tuple[str, float, float] | None:
+    """(kind, HBM GB/s, bf16 TFLOP/s) of a CUDA device name, None if unknown."""
+    for key, peaks in _PEAKS:
+        if key.lower() in name.lower():
+            return peaks
+    return None
 
 
 def device_spec(device: torch.device | str | None = None) -> DeviceSpec:
@@ -39,10 +57,11 @@ def device_spec(device: torch.device | str | None = None) -> DeviceSpec:
     if device.type != "cuda":
         return DeviceSpec("cpu", "cpu", measured_bandwidth_gbps(device), 1.0)
     name = torch.cuda.get_device_name(device)
-    for key, (kind, gbps, tflops) in _PEAKS:
-        if key in name:
-            return DeviceSpec(kind, name, gbps, tflops)
-    return DeviceSpec(name.lower().replace(" ", "-"), name, measured_bandwidth_gbps(device), 100.0)
+    known = peaks_for_name(name)
+    if known is not None:
+        return DeviceSpec(known[0], name, known[1], known[2])
+    kind = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return DeviceSpec(kind, name, measured_bandwidth_gbps(device), UNKNOWN_GPU_TFLOPS)
 
 
 def measured_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 26) -> float:
@@ -96,15 +115,30 @@ def peak_extra_memory(fn: Callable[[], object]) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+def achieved_gbps(nbytes: float, ms: float) -> float:
+    """GB/s (1e9 bytes) of moving `nbytes` in `ms` milliseconds."""
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def achieved_tflops(flops: float, ms: float) -> float:
+    """TFLOP/s of `flops` floating-point operations in `ms` milliseconds."""
+    return flops / (ms * 1e-3) / 1e12
+
+
 def record(ms: float, spec: DeviceSpec, *, nbytes: float | None = None, flops: float | None = None,
            ref_ms: float | None = None, peak_mem: int | None = None, **extra) -> dict:
-    """The standard fields of one benchmark record."""
+    """The standard fields of one benchmark record: ms; gbps and frac_hbm (of
+    the HBM peak) given the bytes moved; tflops and mfu (of the bf16 peak)
+    given the FLOPs; ref_ms and speedup (reference ms / ms) given the
+    reference's time in the same run; peak extra memory."""
+    if not ms > 0:
+        raise ValueError(f"record: ms must be > 0, got {ms!r}")
     out: dict = {"device": spec.kind, "device_name": spec.name, "ms": ms}
     if nbytes is not None:
-        gbps = nbytes / (ms * 1e-3) / 1e9
+        gbps = achieved_gbps(nbytes, ms)
         out.update(gbps=gbps, frac_hbm=gbps / spec.hbm_gbps)
     if flops is not None:
-        tflops = flops / (ms * 1e-3) / 1e12
+        tflops = achieved_tflops(flops, ms)
         out.update(tflops=tflops, mfu=tflops / spec.bf16_tflops)
     if ref_ms is not None:
         out.update(ref_ms=ref_ms, speedup=ref_ms / ms)
@@ -116,3 +150,45 @@ def record(ms: float, spec: DeviceSpec, *, nbytes: float | None = None, flops: f
 
 def spec_dict(spec: DeviceSpec) -> dict:
     return asdict(spec)
+
+
+# --------------------------------------------------------------------------- one case, op vs reference
+@dataclass
+class Case:
+    """An op timed against its reference on the same inputs.
+
+    fn / ref_fn: zero-argument callables, one step each (forward + backward
+    where that is the hot path); their return values go to `check`.
+    check(out, ref_out): raises AssertionError when the op is wrong.
+    nbytes / flops: bytes moved or FLOPs per call of fn (for GB/s or TFLOP/s).
+    """
+    name: str
+    fn: Callable[[], object]
+    ref_fn: Callable[[], object] | None = None
+    check: Callable[[object, object], None] | None = None
+    nbytes: float | None = None
+    flops: float | None = None
+    ref_name: str = "reference"
+    extra: dict | None = None
+
+
+def run_case(case: Case, spec: DeviceSpec, smoke: bool, warmup: int | None = None,
+             iters: int | None = None, memory: bool = True) -> dict:
+    """Check `case.fn` against `case.ref_fn` (always, smoke or not), then time
+    both in this run and return the standard record (+ op, ref_name, smoke)."""
+    device_type = "cuda" if spec.kind != "cpu" else "cpu"
+    out = case.fn()
+    if case.ref_fn is not None:
+        ref_out = case.ref_fn()
+        if case.check is not None:
+            case.check(out, ref_out)
+    elif case.check is not None:
+        case.check(out, None)
+    warmup = (1 if smoke else 3) if warmup is None else warmup
+    iters = (2 if smoke else 20) if iters is None else iters
+    ms = time_ms(case.fn, warmup, iters, device_type)
+    ref_ms = time_ms(case.ref_fn, warmup, iters, device_type) if case.ref_fn is not None else None
+    peak = peak_extra_memory(case.fn) if memory and device_type == "cuda" else None
+    return record(ms, spec, nbytes=case.nbytes, flops=case.flops, ref_ms=ref_ms, peak_mem=peak,
+                  op=case.name, ref_name=case.ref_name if case.ref_fn is not None else None,
+                  smoke=smoke, **(case.extra or {}))
