@@ -206,3 +206,36 @@ def test_flops_match_flop_counter_and_design_figures():
     # the head adds 46 MFLOP per crop forward: 2 * (768*2048 + 2048^2 + 2048*256 + 256*65536)
     head = 2 * (768 * 2048 + 2048 ** 2 + 2048 * 256 + 256 * 65536)
     assert dm.flops_per_image(w) == pytest.approx(step + (3 * 12 + 2) * head, rel=1e-9)
+
+
+def _fsdp2_worker(rank, world_size, out_path):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    torch.manual_seed(0)
+    model = dm.vit_tiny(patch_size=8, depth=2, attention="sdpa", drop_path_rate=0.1)
+    want_model = copy.deepcopy(model)
+    # bf16 parameters make FSDP2 cast every block's forward inputs, which rebuilds
+    # the PackedLayout dataclass argument (dataclasses.replace)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for blk in model.blocks:
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    torch.manual_seed(1)
+    crops = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    model.eval()
+    want_model.eval()
+    out = model(crops).float()
+    want = want_model(crops)
+    out.sum().backward()
+    g = model.blocks[0].attn.qkv.weight.grad.full_tensor()
+    if rank == 0:
+        torch.save({"out": out.detach(), "want": want.detach(), "grad_finite": bool(torch.isfinite(g).all())},
+                   out_path)
+
+
+def test_fsdp2_fully_shard_per_block_packed_forward(tmp_path):
+    from tests._dist import run_distributed
+    path = str(tmp_path / "fsdp.pt")
+    run_distributed(_fsdp2_worker, path, world_size=2)
+    res = torch.load(path)
+    assert res["out"].shape == (6, 192) and res["grad_finite"]
+    assert (res["out"] - res["want"]).abs().max() <= 3e-2 * res["want"].abs().max()

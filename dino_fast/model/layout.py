@@ -13,27 +13,36 @@ are cached per (layout, device).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class PackedLayout:
     rows: tuple[int, ...]    # R_g: rows (crop x image) of group g
     tokens: tuple[int, ...]  # L_g: tokens per row of group g (CLS + patches)
-    # derived, filled in __post_init__: start of each group in the packed token
-    # / row dimension, plus the end
-    token_offsets: tuple[int, ...] = field(init=False, compare=False, repr=False)
-    row_offsets: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    # Only these two fields: FSDP2's forward-input casting rebuilds dataclass
+    # arguments with dataclasses.replace(**all fields), so derived values are
+    # properties, not init=False fields.
 
     def __post_init__(self):
         if len(self.rows) != len(self.tokens) or not self.rows:
             raise ValueError(f"PackedLayout needs one (rows, tokens) pair per group, got {self}")
-        tok, row = [0], [0]
+
+    @property
+    def token_offsets(self) -> tuple[int, ...]:
+        """Start of each group in the packed token dimension, plus the end."""
+        out = [0]
         for r, n in zip(self.rows, self.tokens):
-            tok.append(tok[-1] + r * n)
-            row.append(row[-1] + r)
-        object.__setattr__(self, "token_offsets", tuple(tok))
-        object.__setattr__(self, "row_offsets", tuple(row))
+            out.append(out[-1] + r * n)
+        return tuple(out)
+
+    @property
+    def row_offsets(self) -> tuple[int, ...]:
+        """Start of each group in the packed row dimension, plus the end."""
+        out = [0]
+        for r in self.rows:
+            out.append(out[-1] + r)
+        return tuple(out)
 
     @classmethod
     def single(cls, rows: int, tokens: int) -> "PackedLayout":
@@ -60,7 +69,7 @@ class PackedLayout:
     def max_tokens(self) -> int:
         return max(self.tokens)
 
-    def groups(self):
-        """(group index, token start, token end, rows, tokens per row)."""
-        for g, (r, n) in enumerate(zip(self.rows, self.tokens)):
-            yield g, self.token_offsets[g], self.token_offsets[g + 1], r, n
+    def groups(self) -> list[tuple[int, int, int, int, int]]:
+        """(group index, token start, token end, rows, tokens per row) per group."""
+        off = self.token_offsets
+        return [(g, off[g], off[g + 1], r, n) for g, (r, n) in enumerate(zip(self.rows, self.tokens))]
