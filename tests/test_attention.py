@@ -103,8 +103,10 @@ CROPS = {
 }
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", sorted(CROPS))
+MODEL_CASES = [(b, c) for b in ("math", "sdpa") for c in sorted(CROPS)] + [("flex", "2g+10l"), ("flex", "nonsquare")]
+
+
+@pytest.mark.parametrize("backend,case", MODEL_CASES)
 def test_packed_model_equals_reference_per_group(backend, case):
     """Whole wrapper: packed forward (+ backward) == reference per-group wrapper."""
     torch.manual_seed(0)
