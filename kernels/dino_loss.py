@@ -23,8 +23,8 @@ H(q) = log l - a/l with l = sum e^(x-M), a = sum e^(x-M) (x-M) (M the row max),
 likewise H(p); max_k q = 1/l; KL(q_i || p_v) summed over pairs = CE - sum_i n_i
 H(q_i) with n_i = V - [i < V] (student views paired with i).
 
-Kernels and memory traffic (S = V*B*K student elements, Tt = T*B*K teacher)
---------------------------------------------------------------------------
+Kernels and memory traffic (S = V*B*K student logits)
+----------------------------------------------------
 1. `_teacher_stats_kernel`, grid (row groups of BLOCK_R, K chunks): one read
    of the teacher; per (row, chunk) online (max, sum-exp, shifted entropy sum)
    and per (row group, column) partial column sums of the raw logits.
@@ -43,14 +43,18 @@ Kernels and memory traffic (S = V*B*K student elements, Tt = T*B*K teacher)
    and teacher tiles again and writes grad_output * (m_v p - Q_v)/(P B tau_s)
    in the input dtype.
 Total for forward + backward: student read twice, gradient written once,
-teacher read twice (+ the center) -- the floor for a loss whose gradient needs
-the full-row lse. Writing the gradient in the forward (Liger-style) costs the
-same two reads + one write in the forward, but then the backward must read
-and write it again to apply grad_output (2 S more) unless it syncs the host
-to test grad_output == 1; so the default recomputes in the backward, where
-grad_output is read from device memory. `grad_in_forward=True` gives the
-Liger-style variant (gradient buffer written in the forward, scaled in the
-backward) for callers that free the logits after the forward.
+teacher read three times (kernels 1, 3, 5; the center is L2-resident), the
+tiny fp32 partials aside. The student part is the floor for a loss whose
+gradient needs the full-row lse; at B=64, K=65536, V=12, T=2 in fp32 that is
+3 * 201 MB + 3 * 34 MB = 0.70 GB (bf16: half) against the 0.64 GB of the
+bench's model (student twice + gradient + teacher once).
+
+Why the gradient is written in the backward: writing it in the forward
+(Liger-style) costs the same two reads + one write there, but the backward
+must then read and write it again to apply grad_output (2 S more) unless it
+syncs the host to test grad_output == 1. Here the backward reads grad_output
+from device memory inside kernel 5. `grad_in_forward=True` gives the
+Liger-style variant (buffer written in the forward, scaled in the backward).
 All accumulation is fp32; offsets of rows are int64.
 """
 from __future__ import annotations
@@ -474,18 +478,18 @@ def _triton_grad(student, teacher, center, lse_t, lse_s, grad_output, ncrops, n_
 
 # --------------------------------------------------------------------------- torch impl (same algebra)
 def _row_stats(x: torch.Tensor):
-    """Per row of x: lse, entropy of softmax(x), 1/l = max prob, and e^(x-M)/l = softmax."""
+    """Per row of x: lse, entropy of softmax(x), 1/l (= max prob), e = e^(x-M), l."""
     M = x.amax(-1, keepdim=True)
     xs = x - M
     e = xs.exp()
     l = e.sum(-1)
     log_l = l.log()
-    return M[..., 0] + log_l, log_l - (e * xs).sum(-1) / l, 1.0 / l, e / l[..., None]
+    return M[..., 0] + log_l, log_l - (e * xs).sum(-1) / l, 1.0 / l, e, l
 
 
 def _torch_teacher(teacher, center, n_tv, teacher_temp):
-    lse_t, ent_t, maxp_t, q = _row_stats((teacher.float() - center) / teacher_temp)   # q: (T*B, K)
-    return lse_t, ent_t, maxp_t, q.view(n_tv, -1, q.shape[-1])                        # (T, B, K)
+    lse_t, ent_t, maxp_t, e, l = _row_stats((teacher.float() - center) / teacher_temp)   # e: (T*B, K)
+    return lse_t, ent_t, maxp_t, (e / l[:, None]).view(n_tv, -1, e.shape[-1])           # q: (T, B, K)
 
 
 def _torch_forward(student, teacher, center, ncrops, n_tv, teacher_temp, student_temp):
@@ -494,7 +498,7 @@ def _torch_forward(student, teacher, center, ncrops, n_tv, teacher_temp, student
     n_pairs = _n_pairs(ncrops, n_tv)
     lse_t, ent_t, maxp_t, q = _torch_teacher(teacher, center, n_tv, teacher_temp)
     x = (student.float() / student_temp).view(ncrops, B, K)
-    lse_s, ent_s, _, _ = _row_stats(x)                                                # (ncrops, B)
+    lse_s, ent_s, _, _, _ = _row_stats(x)                                             # (ncrops, B)
     n_same = min(n_tv, ncrops)
     # sum_v <Q_v, x_v> - m_v lse_v  with Q_v = sum_i q_i - q_v (v < T)
     cross = (x * q.sum(0)).sum(-1).sum() - (x[:n_same] * q[:n_same]).sum(-1).sum()
@@ -544,7 +548,7 @@ class _DINOLossFunction(torch.autograd.Function):
             return (None,) * 10
         if ctx.grad_in_forward:
             (grad,) = ctx.saved_tensors
-            grad = grad * grad_loss.to(grad.dtype)
+            grad = grad * grad_loss                # fp32 0-dim: computed in fp32, stored in grad's dtype
         else:
             grad = ctx.grad_impl(*ctx.saved_tensors, grad_loss.float().contiguous(), *ctx.args)
         return (grad,) + (None,) * 9
