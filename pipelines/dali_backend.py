@@ -127,9 +127,17 @@ class DaliMultiCrop:
         self.ncrops = loader.config.ncrops
         device_id = (loader.device.index if loader.device.index is not None else torch.cuda.current_device()
                      ) if on_gpu else None
+        self.reader_kind = native_reader_kind(loader.source) if loader.reader == "native" else "host"
+        native = {}
+        if self.reader_kind == "file":
+            native = dict(files=loader.source.names, labels=loader.source.labels.tolist())
+        elif self.reader_kind == "webdataset":
+            native = dict(shards=loader.source.shards)
         self.pipe = multicrop_pipeline(
             source=self.reader, cfg=loader.config, device="gpu" if on_gpu else "cpu",
             encoded=loader.source.encoded, half=loader.dtype == torch.float16,
+            reader=self.reader_kind, shuffle=loader.shuffle, rank=loader.rank,
+            world_size=loader.world_size, **native,
             batch_size=loader.batch_size, num_threads=threads, device_id=device_id,
             seed=int(loader.seed) + 7919 * int(loader.rank), prefetch_queue_depth=2,
             exec_dynamic=True)
@@ -137,7 +145,28 @@ class DaliMultiCrop:
         self.copy_stream = torch.cuda.Stream(loader.device) if on_gpu else None
         self._state = "fresh"   # fresh | running | done (the last epoch ran to its end)
 
+    def _copy_crops(self, outs) -> list[torch.Tensor]:
+        """The ncrops DALI outputs -> torch tensors on the loader's device, in its dtype."""
+        loader = self.loader
+        if self.copy_stream is None:
+            crops = [_to_torch(outs[k], loader.device) for k in range(self.ncrops)]
+        else:
+            # Copy on a side stream and wait for those copies only (not for the model's work
+            # queued on the current stream): DALI may reuse its buffers once `outs` is dropped.
+            # The tensors come from the side stream's pool; record_stream keeps the allocator
+            # from recycling them while the current stream still uses them.
+            with torch.cuda.stream(self.copy_stream):
+                crops = [_to_torch(outs[k], loader.device, self.copy_stream) for k in range(self.ncrops)]
+            self.copy_stream.synchronize()
+            current = torch.cuda.current_stream(loader.device)
+            for c in crops:
+                c.record_stream(current)
+        return [c.to(loader.dtype) for c in crops]
+
     def epoch(self, indices: np.ndarray, epoch: int):
+        if self.reader_kind != "host":
+            yield from self._native_epoch(len(indices) // self.loader.batch_size)
+            return
         loader = self.loader
         if loader.drop_last:
             indices = indices[: (len(indices) // loader.batch_size) * loader.batch_size]
@@ -153,21 +182,8 @@ class DaliMultiCrop:
             if b == nbatches - 1:
                 self._state = "done"
             outs = list(self.pipe.run())
-            if self.copy_stream is None:
-                crops = [_to_torch(outs[k], loader.device) for k in range(self.ncrops)]
-            else:
-                # Copy on a side stream and wait for those copies only (not for the model's work
-                # queued on the current stream): DALI may reuse its buffers once `outs` is dropped.
-                # The tensors come from the side stream's pool; record_stream keeps the allocator
-                # from recycling them while the current stream still uses them.
-                with torch.cuda.stream(self.copy_stream):
-                    crops = [_to_torch(outs[k], loader.device, self.copy_stream) for k in range(self.ncrops)]
-                self.copy_stream.synchronize()
-                current = torch.cuda.current_stream(loader.device)
-                for c in crops:
-                    c.record_stream(current)
+            crops = self._copy_crops(outs)
             del outs[: self.ncrops]
-            crops = [c.to(loader.dtype) for c in crops]
             labels = _to_torch(outs[0], loader.device)
             skipped = self.reader.skipped[reported:]
             reported += len(skipped)
@@ -175,3 +191,63 @@ class DaliMultiCrop:
                 yield crops, labels, skipped, _to_torch(outs[1], torch.device("cpu"))
             else:
                 yield crops, labels, skipped
+
+    def _native_epoch(self, nbatches: int):
+        """Native readers stream: DALI shuffles (buffer of 1024) and shards by rank itself,
+        wrapping around its epochs; a loader epoch is `nbatches` batches of that stream."""
+        loader = self.loader
+        for _ in range(nbatches):
+            outs = list(self.pipe.run())
+            crops = self._copy_crops(outs)
+            raw = outs[self.ncrops]
+            if self.reader_kind == "file":
+                labels = torch.from_numpy(raw.as_array().reshape(-1).astype(np.int64))
+            else:   # webdataset .cls members: ASCII integers, empty when absent
+                labels = torch.tensor([int(bytes(np.asarray(raw[i])).decode().strip() or -1)
+                                       for i in range(len(raw))], dtype=torch.long)
+            labels = labels.to(loader.device)
+            if self.return_params:
+                yield crops, labels, [], _to_torch(outs[self.ncrops + 1], torch.device("cpu"))
+            else:
+                yield crops, labels, []
+
+
+def native_reader_kind(source) -> str:
+    from .sources import FileSource, TarSource
+    if isinstance(source, TarSource):
+        return "webdataset"
+    if isinstance(source, FileSource):
+        return "file"
+    raise ValueError(f"reader='native' reads files or tar shards, not {source!r}; use reader='host'")
+
+
+def scan_files(source, on_error: str, threads: int):
+    """Up-front check for native readers (which cannot skip or transcode at run time):
+    -> (FileSource of the usable files, names left out). Header + end marker per file,
+    plus the formats the GPU decoder would treat differently from PIL (CMYK, 16-bit...)."""
+    from .sources import FileSource
+
+    def check(i):
+        try:
+            with open(source.names[i], "rb") as f:
+                data = f.read()
+            info = inspect_encoded(data, source.names[i])
+        except (BadImageError, OSError) as err:
+            return str(err)
+        if not info.gpu_decodable:
+            return (f"{source.names[i]}: {info.format} {info.mode} {info.bits}-bit needs conversion, "
+                    "which reader='native' cannot do; use reader='host' or `dino-fast pack` the data")
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        problems = list(pool.map(check, range(len(source))))
+    bad = [p for p in problems if p]
+    if bad and on_error == "fail":
+        raise BadImageError(bad[0])
+    for p in bad:
+        log.warning("reader='native': leaving out %s", p)
+    keep = [i for i, p in enumerate(problems) if p is None]
+    if not keep:
+        raise BadImageError(f"none of the {len(source)} files is usable; first problem: {bad[0]}")
+    return (FileSource([source.names[i] for i in keep], source.labels[keep], source.classes, source.kind),
+            [source.names[i] for i, p in enumerate(problems) if p])

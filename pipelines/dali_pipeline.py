@@ -1,7 +1,9 @@
 """The DALI multi-crop graph: decode once, crop and augment N times.
 
 Per image: external source (encoded bytes from the host reader, label,
-(ncrops, NPARAMS) decisions from `dali_params`) -> decode ("mixed" = nvJPEG on
+(ncrops, NPARAMS) decisions from `dali_params`) -- or, with a native reader,
+fn.readers.file / fn.readers.webdataset and the same decisions drawn in the
+graph (fn.random_crop_generator, fn.random.*) -> decode ("mixed" = nvJPEG on
 the GPU, "cpu" on the host; EXIF orientation ignored, like the reference's PIL
 path) -> for every crop:
   resize of the crop box to S x S (cubic, antialiased)           # RandomResizedCrop
@@ -79,12 +81,64 @@ def _augment_crop(image, params, k: int, size: int, cfg: AugmentConfig, on_gpu: 
         output_layout="CHW", dtype=types.FLOAT16 if half else types.FLOAT)   # (3, S, S)
 
 
+def _graph_decisions(encoded, cfg: AugmentConfig):
+    """(ncrops, NPARAMS) decisions drawn inside the graph (native readers): the same row
+    layout as `dali_params.draw_params`, from fn.random_crop_generator / fn.random.*."""
+    def flt(x):
+        return fn.cast(x, dtype=types.FLOAT)
+
+    def coin(p):
+        return flt(fn.random.coin_flip(probability=float(p)))
+
+    def uniform(lo, hi):
+        return fn.random.uniform(range=[float(lo), float(hi)])
+
+    shape = fn.peek_image_shape(encoded)                                 # (H, W, C), header only
+    rows = []
+    for k, (scale, blur_p) in enumerate(zip(cfg.crop_scales(), cfg.blur_ps())):
+        anchor, extent = fn.random_crop_generator(shape, random_area=list(scale),
+                                                  random_aspect_ratio=list(cfg.ratio), num_attempts=10)
+        anchor, extent = flt(anchor), flt(extent)                        # (y, x), (h, w)
+        jitter = coin(cfg.jitter_p)
+        factors = [1.0 + jitter * (uniform(max(0.0, 1 - r), 1 + r) - 1.0)
+                   for r in (cfg.brightness, cfg.contrast, cfg.saturation)]
+        hue = jitter * uniform(-cfg.hue, cfg.hue) * 360.0
+        sigma = coin(blur_p) * uniform(*cfg.blur_sigma)
+        solarize = coin(cfg.solarize_p if k == 1 else 0.0)
+        rows.append(fn.stack(anchor[0], anchor[1], anchor[0] + extent[0], anchor[1] + extent[1],
+                             coin(cfg.flip_p), jitter, *factors, hue, coin(cfg.grayscale_p), sigma,
+                             solarize))
+    return fn.stack(*rows)                                               # (ncrops, NPARAMS)
+
+
+def _native_reader(reader: str, files, labels, shards, shuffle: bool, rank: int, world_size: int):
+    """fn.readers.file / fn.readers.webdataset -> (encoded, labels)."""
+    common = dict(random_shuffle=shuffle, shard_id=rank, num_shards=world_size, name="Reader",
+                  initial_fill=1024, pad_last_batch=False)
+    if reader == "file":
+        return fn.readers.file(files=list(files), labels=[int(x) for x in labels], **common)
+    encoded, cls = fn.readers.webdataset(paths=list(shards), ext=["jpg;jpeg;png", "cls"],
+                                         missing_component_behavior="empty", **common)
+    return encoded, cls                                                  # cls: raw ASCII bytes
+
+
 @pipeline_def(enable_conditionals=True)
-def multicrop_pipeline(source, cfg: AugmentConfig, device: str, encoded: bool, half: bool = False):
-    """Outputs: crop_0 ... crop_{n-1}, labels, params."""
-    data, labels, params = fn.external_source(source=source, num_outputs=3, batch=True,
-                                              batch_info=True, dtype=[types.UINT8, types.INT64, types.FLOAT],
-                                              ndim=[1 if encoded else 3, 0, 2])
+def multicrop_pipeline(source, cfg: AugmentConfig, device: str, encoded: bool, half: bool = False,
+                       reader: str = "host", files=(), labels=(), shards=(), shuffle: bool = True,
+                       rank: int = 0, world_size: int = 1):
+    """Outputs: crop_0 ... crop_{n-1}, labels, params.
+
+    reader "host": `source` (HostReader) feeds bytes, labels and host-drawn decisions.
+    reader "file" / "webdataset": DALI reads `files` / `shards` itself (sharded by rank,
+    buffer-shuffled) and draws the decisions in the graph."""
+    if reader == "host":
+        data, labels, params = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                  batch_info=True,
+                                                  dtype=[types.UINT8, types.INT64, types.FLOAT],
+                                                  ndim=[1 if encoded else 3, 0, 2])
+    else:
+        data, labels = _native_reader(reader, files, labels, shards, shuffle, rank, world_size)
+        params = _graph_decisions(data, cfg)
     on_gpu = device == "gpu"
     if encoded:
         image = fn.decoders.image(data, device="mixed" if on_gpu else "cpu", output_type=types.RGB,

@@ -63,14 +63,20 @@ class MultiCropLoader:
                  local_size: int = 96, backend: str = "auto", device=None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, drop_last: bool = True, shuffle: bool = True,
                  dtype: torch.dtype = torch.float32, num_workers: int | None = None,
-                 on_error: str = "skip", validate: str = "once", config: AugmentConfig | None = None,
-                 **config_overrides):
+                 on_error: str = "skip", validate: str = "once", reader: str = "host",
+                 config: AugmentConfig | None = None, **config_overrides):
         if on_error not in ("skip", "fail"):
             raise ValueError(f"on_error={on_error!r}: choose 'skip' or 'fail'")
         if validate not in ("once", "header"):
             raise ValueError(f"validate={validate!r}: choose 'once' (full host decode the first time an "
                              "image is seen) or 'header' (header + end marker only, for packed shards)")
         self.validate = validate
+        if reader not in ("host", "native"):
+            raise ValueError(f"reader={reader!r}: choose 'host' (Python reader: exact per-epoch permutation, "
+                             "bad files skipped at run time) or 'native' (DALI fn.readers.file/webdataset)")
+        if reader == "native" and not drop_last:
+            raise ValueError("reader='native' streams from DALI's readers and needs drop_last=True")
+        self.reader = reader
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -98,12 +104,18 @@ class MultiCropLoader:
             raise ValueError(f"{self.source!r}: {n_rank} images on rank {rank} of {world_size} is fewer "
                              f"than batch_size={batch_size} with drop_last; lower the batch size")
         self.backend = choose_backend(backend, self.device, self.source.encoded)
+        if reader == "native" and self.backend != "dali":
+            log.info("MultiCropLoader: reader='native' applies to the DALI backend only; ignored")
         log.info("MultiCropLoader: backend=%s (requested %s) device=%s source=%r crops=2x%d+%dx%d",
                  self.backend, backend, self.device, self.source, config.global_size,
                  config.local_crops_number, config.local_size)
         self._impl = None
+        self.skipped_at_scan: list[str] = []
         if self.backend == "dali":
-            from .dali_backend import DaliMultiCrop
+            from .dali_backend import DaliMultiCrop, scan_files
+            from .sources import FileSource
+            if reader == "native" and isinstance(self.source, FileSource):   # readers cannot skip
+                self.source, self.skipped_at_scan = scan_files(self.source, on_error, self.num_workers)
             self._impl = DaliMultiCrop(self)
 
     def set_epoch(self, epoch: int) -> None:

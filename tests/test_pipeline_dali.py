@@ -2,6 +2,8 @@
 
 - every crop's shape / dtype / value range, both backends, fp32 and bf16;
 - DALI pixels vs torchvision/PIL ops applied with the same decisions;
+- both DALI front ends: reader="host" (decisions drawn on the host) and
+  reader="native" (fn.readers.file, decisions drawn in the graph);
 - per-op rates measured from the pixels (each op alone, on a known photo whose
   crop box is the whole image): flip, jitter, grayscale, blur, solarization
   close to the configured probability in both backends; solarization never on
@@ -36,20 +38,22 @@ def denorm(crop: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
     return crop.float() * std + mean
 
 
-def dali_batches(paths, batch_size, **cfg):
-    """(crops, labels, skipped, params) from the DALI CPU pipeline over `paths`."""
+def dali_batches(paths, batch_size, reader="host", **cfg):
+    """(crops, labels, skipped, params) from the DALI CPU pipeline over `paths`; reader
+    "host" (decisions drawn on the host) or "native" (fn.readers.file, decisions in-graph)."""
     loader = MultiCropLoader(paths, batch_size=batch_size, backend="dali", device="cpu", num_workers=2,
-                             shuffle=False, **cfg)
+                             shuffle=False, reader=reader, **cfg)
     impl = DaliMultiCrop(loader, return_params=True)
     return loader, list(impl.epoch(loader._indices(), 0))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "dali-native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_crop_shape_dtype_range(tmp_path, backend, dtype):
     write_photos(tmp_path, 6, classes=2)
+    backend, _, reader = backend.partition("-")
     loader = MultiCropLoader(tmp_path, batch_size=3, backend=backend, device="cpu", dtype=dtype,
-                             num_workers=1, **SMALL)
+                             num_workers=1, reader=reader or "host", **SMALL)
     assert loader.backend == backend and len(loader) == 2
     lo = (0 - torch.tensor(loader.config.mean)) / torch.tensor(loader.config.std)
     hi = (1 - torch.tensor(loader.config.mean)) / torch.tensor(loader.config.std)
@@ -130,6 +134,7 @@ OPS = {  # name: (config overriding ALL_OFF, detector, expected rate per crop in
     "solarize": (dict(solarize_p=0.2), "changed", lambda k: 0.2 if k == 1 else 0.0),
 }
 N_DRAWS = 96
+BACKENDS = ("torch", "dali", "dali-native")
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +149,8 @@ def _run(backend, path, overrides):
     image (scale 1, ratio 1), only `overrides` switched on."""
     cfg = dict(SMALL, global_size=32, local_size=16, global_crops_scale=(1.0, 1.0),
                local_crops_scale=(1.0, 1.0), ratio=(1.0, 1.0), **{**ALL_OFF, **overrides})
-    if backend == "dali":
-        loader, batches = dali_batches([path] * N_DRAWS, 32, **cfg)
+    if backend.startswith("dali"):
+        loader, batches = dali_batches([path] * N_DRAWS, 32, reader=backend.partition("-")[2] or "host", **cfg)
         return [torch.cat([b[0][k] for b in batches]) for k in range(loader.config.ncrops)]
     aug = DataAugmentationDINO(config=AugmentConfig(**cfg))
     image = Image.open(path).convert("RGB")
@@ -156,7 +161,7 @@ def _run(backend, path, overrides):
 
 @pytest.fixture(scope="module")
 def plain_crops(square_photo):
-    return {backend: _run(backend, square_photo, {}) for backend in ("torch", "dali")}
+    return {backend: _run(backend, square_photo, {}) for backend in BACKENDS}
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -164,7 +169,7 @@ def test_op_rates_from_pixels_match_probabilities(square_photo, plain_crops, op)
     overrides, detector, expected = OPS[op]
     cfg = AugmentConfig(**{**ALL_OFF, **overrides})
     rates = {}
-    for backend in ("torch", "dali"):
+    for backend in BACKENDS:
         aug = _run(backend, square_photo, overrides)
         rates[backend] = [float(_rates(p, a, cfg)[detector].float().mean())
                           for p, a in zip(plain_crops[backend], aug)]
@@ -174,16 +179,17 @@ def test_op_rates_from_pixels_match_probabilities(square_photo, plain_crops, op)
     for k in range(len(rates["torch"])):
         p = expected(k)
         tol = 4 * math.sqrt(max(p * (1 - p), 0.02) / N_DRAWS)   # ~4 sigma of a binomial rate
-        for backend in ("torch", "dali"):
+        for backend in BACKENDS:
             assert abs(rates[backend][k] - p) <= tol, (op, backend, k, rates)
-        assert abs(rates["torch"][k] - rates["dali"][k]) <= 1.5 * tol, (op, k, rates)
+            assert abs(rates["torch"][k] - rates[backend][k]) <= 1.5 * tol, (op, k, rates)
 
 
-def test_crop_areas_within_scale_and_alike(tmp_path):
+@pytest.mark.parametrize("reader", ["host", "native"])
+def test_crop_areas_within_scale_and_alike(tmp_path, reader):
     image = Image.fromarray(photo("chelsea"))            # 451 x 300: not square
     image.save(tmp_path / "c.jpg")
     cfg = AugmentConfig(**SMALL)
-    loader, batches = dali_batches([str(tmp_path / "c.jpg")] * 64, 32, **SMALL)
+    loader, batches = dali_batches([str(tmp_path / "c.jpg")] * 64, 32, reader=reader, **SMALL)
     params = torch.cat([b[3] for b in batches]).numpy()             # (64, ncrops, NPARAMS)
     area = ((params[..., P.Y1] - params[..., P.Y0]) * (params[..., P.X1] - params[..., P.X0])
             / (image.height * image.width))

@@ -174,8 +174,9 @@ def test_on_error_fail_raises_naming_the_file(tmp_path, backend, case):
 
 
 # ---------------------------------------------------------------- pack round trip
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("dali-native", marks=BACKENDS[1].marks)])
 def test_pack_then_load_shards_round_trip(tmp_path, backend, capsys):
+    backend, _, reader = backend.partition("-")
     paths = write_photos(tmp_path / "src", 9, classes=3, size=64)
     Image.open(paths[0]).save(tmp_path / "src" / "class_0" / "extra.bmp")    # re-encoded as PNG
     (tmp_path / "src" / "class_1" / "broken.jpg").write_bytes(b"not an image")
@@ -190,9 +191,28 @@ def test_pack_then_load_shards_round_trip(tmp_path, backend, capsys):
     assert sorted(packed.labels.tolist()) == sorted(int(x) for x in good)
     for spec in (tmp_path / "shards", str(tmp_path / "shards" / "shard-*.tar")):
         loader = MultiCropLoader(spec, batch_size=5, backend=backend, device="cpu", num_workers=1,
-                                 on_error="fail", **SMALL)
+                                 on_error="fail", reader=reader or "host", shuffle=False, **SMALL)
         crops, labels = run_epoch(loader)
         assert sorted(labels) == sorted(int(x) for x in good)
         assert all(c.shape[1:] == (3, 64, 64) for c in crops[0][:2])
     with pytest.raises(FileExistsError, match="--overwrite"):
         pack(tmp_path / "src", str(tmp_path / "shards"), progress=False)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("nvidia.dali") is None, reason="DALI not installed")
+def test_native_reader_scans_files_up_front(tmp_path):
+    """fn.readers.file cannot skip at run time: unreadable files and formats the GPU decoder
+    would treat differently (CMYK, 16-bit) are left out before the pipeline starts, by name."""
+    cases = _bad_folder(tmp_path)
+    header_ok_but_garbled = {"garbled"}          # only a full decode (reader="host") catches it
+    left_out = {"corrupt", "truncated", "empty", "cmyk", "16bit"}
+    loader = MultiCropLoader(tmp_path, batch_size=2, backend="dali", device="cpu", reader="native",
+                             num_workers=1, **SMALL)
+    assert sorted(loader.skipped_at_scan) == sorted(cases[k] for k in left_out)
+    assert len(loader.source) == 4 + len(cases) - len(left_out)
+    assert header_ok_but_garbled <= {k for k in cases if cases[k] in loader.source.names}
+    crops, labels = next(iter(loader))
+    assert crops[0].shape == (2, 3, 64, 64)
+    with pytest.raises(BadImageError):
+        MultiCropLoader(tmp_path, batch_size=2, backend="dali", device="cpu", reader="native",
+                        on_error="fail", **SMALL)

@@ -1,10 +1,12 @@
 """`dino-fast pack SRC DST`: pack an image folder into webdataset tar shards.
 
 SRC is anything `MultiCropLoader` reads (ImageFolder tree, flat folder, .txt
-list). Each sample becomes `<key>.jpg|png` (the original bytes; other formats
-are re-encoded as PNG) + `<key>.cls` (the label, when labelled), N samples per
-shard, shards named DST/<prefix>-000000.tar ...; `DST/<prefix>.json` lists the
-class names and counts. Every shard is written to a temporary name and renamed
+list). Each sample becomes `<key>.jpg|png` + `<key>.cls` (the label, when
+labelled): 8-bit RGB / grayscale JPEG and PNG keep their bytes; CMYK, 16-bit,
+palette, alpha and other formats become 8-bit RGB PNG as the PIL path would
+convert them, so any reader (DALI's included) decodes every member. N samples
+per shard, named DST/<prefix>-000000.tar ...; DST/<prefix>.json lists the class
+names and counts. Every shard is written to a temporary name and renamed
 when complete, so an interrupted run never leaves a truncated shard behind.
 Every image is decoded once to verify it (so loaders can read the shards with
 validate="header"); bad images are skipped with a warning (or abort with
@@ -46,16 +48,14 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
 
 
 def _encoded(data: bytes, name: str, verify: bool = True) -> tuple[bytes, str]:
-    """(bytes, ext) ready for a shard: JPEG/PNG as they are, the rest re-encoded as PNG.
+    """(bytes, ext) ready for a shard: 8-bit JPEG/PNG as they are, the rest as RGB PNG.
     `verify` decodes every image fully once (garbled JPEG data passes a header check)."""
     from dino_fast.pipelines.images import decode_rgb, inspect_encoded
     info = inspect_encoded(data, name)
     if verify:
         decode_rgb(data, name)
-    if info.format == "JPEG":
-        return data, "jpg"
-    if info.format == "PNG":
-        return data, "png"
+    if info.gpu_decodable:              # 8-bit RGB / gray JPEG or PNG: the original bytes
+        return data, "jpg" if info.format == "JPEG" else "png"
     buf = io.BytesIO()
     decode_rgb(data, name).save(buf, format="PNG")
     return buf.getvalue(), "png"
