@@ -197,7 +197,7 @@ def test_dino_loss_launches_only_declared_configs():
                 t = torch.randn(n_tv * B, K, generator=g).to(dtype)
                 loss_fn(s, t, 0).backward()
                 assert torch.isfinite(s.grad).all()
-    kernels = {l.kernel for l in rec.launches}
-    assert kernels == {"_teacher_stats_kernel", "_teacher_finish_kernel", "_student_fwd_kernel",
-                       "_student_finish_kernel", "_student_grad_kernel"}
+    launched = {l.kernel for l in rec.launches}
+    declared = {aot._base_function(sp.fn).__name__ for sp in specs}
+    assert {"_student_fwd_kernel", "_student_grad_kernel"} <= launched <= declared
     assert aot.undeclared_launches(rec.launches, specs) == []
