@@ -217,8 +217,11 @@ def compile_spec(spec, arch: Arch, module: str = "") -> CompileResult:
         missing = [a for a in fn.arg_names if a not in spec.signature]
         if missing:
             raise ValueError(f"signature lacks argument(s) {missing} of {fn.__name__}")
-        src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs),
-                        _attrs(fn, spec.signature, tuple(spec.problem.get("divisible_by_16", ()))))
+        aligned = tuple(spec.problem.get("divisible_by_16", ()))
+        bad = [a for a in aligned if spec.signature.get(a, "")[:1] not in ("i", "u")]
+        if bad:
+            raise ValueError(f"problem['divisible_by_16'] names {bad}, which are not integer arguments")
+        src = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), _attrs(fn, spec.signature, aligned))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch.cc, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         report = parse_ptxas(run_ptxas(compiled.asm["ptx"], arch))

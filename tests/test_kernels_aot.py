@@ -156,6 +156,15 @@ def test_occupancy_and_waves_by_hand():
     assert aot.grid_size({"grid": (64, 16)}) == 1024 and aot.grid_size({}) is None
 
 
+def test_alignment_hints_reach_the_compiler():
+    from tests.kernels_broken_fixture import row_scale
+    sig = {"x_ptr": "*fp32", "y_ptr": "*bf16", "n_cols": "i32", "scale": "fp32", "BLOCK": "constexpr"}
+    div = [["tt.divisibility", 16]]
+    # pointers always (torch allocations are 256-byte aligned); integers only when declared
+    assert aot._attrs(row_scale, sig, ()) == {(0,): div, (1,): div}
+    assert aot._attrs(row_scale, sig, ("n_cols",)) == {(0,): div, (1,): div, (2,): div}
+
+
 # --------------------------------------------------------------------------- launcher/spec drift
 def _ema_launches(ema):
     g = torch.Generator().manual_seed(0)
