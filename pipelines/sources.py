@@ -110,14 +110,25 @@ class TarSource(Source):
         return state
 
     def read(self, i: int) -> bytes:
-        if self._pid != os.getpid():          # fresh handles in each worker process
+        if self._pid != os.getpid():          # fresh descriptors in each worker process
             self._handles, self._pid = {}, os.getpid()
         s = int(self.shard_idx[i])
-        f = self._handles.get(s)
-        if f is None:
-            f = self._handles[s] = open(self.shards[s], "rb")
-        f.seek(int(self.offsets[i]))
-        return f.read(int(self.sizes[i]))
+        fd = self._handles.get(s)
+        if fd is None:
+            fd = self._handles.setdefault(s, os.open(self.shards[s], os.O_RDONLY))
+        size = int(self.sizes[i])
+        data = os.pread(fd, size, int(self.offsets[i]))   # positional: safe across reader threads
+        if len(data) != size:
+            raise OSError(f"short read ({len(data)} of {size} bytes): shard truncated?")
+        return data
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._handles.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def __repr__(self):
         return f"TarSource({len(self.shards)} shards, {len(self)} images)"
