@@ -110,3 +110,21 @@ def test_missing_or_empty_source_fails_at_once_naming_it(tmp_path, bad):
         return
     with pytest.raises(SourceError, match=needle.replace("*", r"\*")):
         MultiCropLoader(spec, batch_size=1, backend="torch", **SMALL)
+
+
+def test_auto_backend_is_torch_on_cpu_and_logged(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from dino_fast.pipelines import loader as loader_mod
+    write_photos(tmp_path, 2)
+    with caplog.at_level(logging.INFO, logger="dino_fast.pipelines.loader"):
+        loader = MultiCropLoader(tmp_path, batch_size=1, backend="auto", device="cpu", **SMALL)
+    assert loader.backend == "torch" and "backend=torch (requested auto)" in caplog.text
+    assert loader_mod.choose_backend("auto", torch.device("cuda")) == (
+        "dali" if loader_mod.dali_available() else "torch")
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
+    assert loader_mod.choose_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ImportError, match="pip install nvidia-dali"):
+        loader_mod.choose_backend("dali", torch.device("cuda"))
+    with pytest.raises(ValueError, match="backend='tf'"):
+        MultiCropLoader(tmp_path, batch_size=1, backend="tf", **SMALL)
