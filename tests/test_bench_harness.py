@@ -180,16 +180,16 @@ def test_every_bench_file_has_a_case_that_runs_in_smoke_mode(tmp_path):
 # --------------------------------------------------------------------------- dino-fast bench
 def test_bench_command_on_cpu(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    rc = cli.main(["bench", "--cases", "dino_loss,ema,knn", "--output", str(out), "--json"])
+    rc = cli.main(["bench", "--cases", "dino_loss,ema", "--output", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert report["smoke"] is (not torch.cuda.is_available()) and report["versions"]["torch"]
     recs = {r["op"]: r for r in report["cases"]}
-    assert set(recs) == {"dino_loss", "ema", "knn"} and all(r["status"] == "ok" for r in recs.values())
-    assert recs["dino_loss"]["gbps"] > 0 and recs["knn"]["tflops"] > 0 and recs["ema"]["speedup"] > 0
+    assert set(recs) == {"dino_loss", "ema"} and all(r["status"] == "ok" for r in recs.values())
+    assert recs["dino_loss"]["gbps"] > 0 and recs["ema"]["gbps"] > 0 and recs["ema"]["speedup"] > 0
     assert json.loads((out / "bench.json").read_text())["cases"][0]["op"] == "dino_loss"
     with Image.open(out / "bench.png") as png:
-        assert png.format == "PNG" and png.size[0] == 900 and png.size[1] >= 60 + 26 * 3
+        assert png.format == "PNG" and png.size[0] == 900 and png.size[1] >= 60 + 26 * 2
 
     # the human table; a case whose module is missing is reported, not dropped
     from dino_fast import bench_cases
