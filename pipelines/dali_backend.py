@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .dali_params import draw_params
-from .images import BadImageError, decode_rgb, inspect_encoded
+from .images import BadImageError, decode_rgb, inspect_encoded, verify_decodes
 from .sampling import sample_seed
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class HostReader:
         elif self.validate == "once" and i not in self.verified:
             # libjpeg / nvJPEG decode garbled entropy data into garbage with at most a warning;
             # PIL raises. One full host decode per image (first epoch), remembered afterwards.
-            decode_rgb(data, name)
+            verify_decodes(data, name)
             self.verified.add(i)
         return np.frombuffer(data, dtype=np.uint8), info.height, info.width
 

@@ -50,10 +50,10 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
 def _encoded(data: bytes, name: str, verify: bool = True) -> tuple[bytes, str]:
     """(bytes, ext) ready for a shard: 8-bit JPEG/PNG as they are, the rest as RGB PNG.
     `verify` decodes every image fully once (garbled JPEG data passes a header check)."""
-    from dino_fast.pipelines.images import decode_rgb, inspect_encoded
+    from dino_fast.pipelines.images import decode_rgb, inspect_encoded, verify_decodes
     info = inspect_encoded(data, name)
     if verify:
-        decode_rgb(data, name)
+        verify_decodes(data, name)
     if info.gpu_decodable:              # 8-bit RGB / gray JPEG or PNG: the original bytes
         return data, "jpg" if info.format == "JPEG" else "png"
     buf = io.BytesIO()
