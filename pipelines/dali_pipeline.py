@@ -8,12 +8,15 @@ the GPU, "cpu" on the host; EXIF orientation ignored, like the reference's PIL
 path) -> for every crop:
   resize of the crop box to S x S (cubic, antialiased)           # RandomResizedCrop
   x * b ; c * x + (1 - c) * mean_gray(x)  (clamped to [0, 255])  # brightness, contrast
-  hsv(saturation * (1 - gray)) ; HSV hue rotation (arithmetic)   # saturation, grayscale, hue
+  HSV hue rotation (arithmetic) ; hsv(saturation * (1 - gray))   # hue, saturation, grayscale
   if sigma > 0: gaussian_blur(sigma)                              # conditional: only those samples
   x + solarize * (x >= 128) * (255 - 2x)                          # solarization (global 2)
   crop_mirror_normalize(mirror=flip, mean*255, std*255) -> CHW fp32/fp16
-Jitter runs in a fixed order (brightness, contrast, saturation, hue) where the
-reference draws a random order; the factors and probabilities are the same.
+Jitter runs in one fixed order (brightness, contrast, hue, saturation) where the
+reference draws a random order of the four; brightness, contrast and
+saturation commute up to clamping, so this is one of the reference's orders
+up to rounding. Factors and probabilities are the reference's. Grayscale comes
+after the hue rotation, as in the reference (luma of the jittered crop).
 
 This module must stay a real source file: DALI's conditionals
 (`enable_conditionals=True`) rewrite the function from its source code.
