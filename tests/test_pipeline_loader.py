@@ -189,7 +189,8 @@ def test_pack_then_load_shards_round_trip(tmp_path, backend, capsys):
     assert len(packed) == 10 and packed.classes == src.classes == ["class_0", "class_1", "class_2"]
     good = [lab for name, lab in zip(src.names, src.labels) if "broken" not in name]
     assert sorted(packed.labels.tolist()) == sorted(int(x) for x in good)
-    for spec in (tmp_path / "shards", str(tmp_path / "shards" / "shard-*.tar")):
+    shard_list = [str(tmp_path / "shards" / s) for s in shards if s.endswith(".tar")]
+    for spec in (tmp_path / "shards", str(tmp_path / "shards" / "shard-*.tar"), shard_list):
         loader = MultiCropLoader(spec, batch_size=5, backend=backend, device="cpu", num_workers=1,
                                  on_error="fail", reader=reader or "host", shuffle=False, **SMALL)
         crops, labels = run_epoch(loader)
