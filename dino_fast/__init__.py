@@ -16,6 +16,7 @@ _EXPORTS = {
     "cosine_scheduler": "dino_fast.schedules",
     "VisionTransformer": "dino_fast.model",
     "DINOHead": "dino_fast.model",
+    "MultiCropWrapper": "dino_fast.model",
     "vit_tiny": "dino_fast.model",
     "vit_small": "dino_fast.model",
     "vit_base": "dino_fast.model",
