@@ -374,9 +374,21 @@ class record_launches:
         self._saved: dict[str, object] = {}
 
     def __enter__(self):
+        import inspect
+
         from triton.runtime.jit import KernelInterface
-        for name, obj in vars(self.module).items():
-            if isinstance(obj, KernelInterface):
+        kernels = {n: o for n, o in vars(self.module).items() if isinstance(o, KernelInterface)}
+        sources = {}
+        for n, o in kernels.items():
+            try:
+                sources[n] = inspect.getsource(_base_function(o))
+            except (OSError, TypeError):
+                sources[n] = ""
+        for name, obj in kernels.items():
+            # a @triton.jit helper called from another kernel stays as it is: the GPU compiler
+            # resolves it by name and must find the real function
+            called = re.compile(rf"\b{re.escape(name)}\s*\(")
+            if not any(called.search(src) for other, src in sources.items() if other != name):
                 self._saved[name] = obj
         for name, obj in self._saved.items():
             setattr(self.module, name, _Recorder(obj, self.launches))

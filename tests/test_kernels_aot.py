@@ -18,6 +18,7 @@ from dino_fast import cli
 from dino_fast.kernels import aot
 from dino_fast.kernels.spec import KernelSpec
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter runs the kernels on CPU
 KERNELS_DIR = os.path.join(os.path.dirname(__file__), "..", "kernels")
 FIXTURE = "tests.kernels_broken_fixture"
 
@@ -172,11 +173,11 @@ def _ema_launches(ema):
         for t_dt in (torch.float32, torch.bfloat16):
             for s_dt in (torch.float32, torch.bfloat16):
                 sizes = [5000, 7]
-                t = [torch.randn(n + 1, generator=g).to(t_dt) for n in sizes]
-                s = [torch.randn(n + 1, generator=g).to(s_dt) for n in sizes]
+                t = [torch.randn(n + 1, generator=g).to(DEVICE, t_dt) for n in sizes]
+                s = [torch.randn(n + 1, generator=g).to(DEVICE, s_dt) for n in sizes]
                 ema.ema_update_([x[:-1] for x in t], [x[:-1] for x in s], 0.99, impl="triton")  # aligned
                 ema.ema_update_([x[1:] for x in t], [x[1:] for x in s],                           # unaligned
-                                torch.tensor(0.99, dtype=torch.float64), impl="triton")
+                                torch.tensor(0.99, dtype=torch.float64, device=DEVICE), impl="triton")
     return rec.launches
 
 
@@ -201,9 +202,9 @@ def test_dino_loss_launches_only_declared_configs():
     with aot.record_launches(dl) as rec:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for ncrops, n_tv in ((3, 2), (6, 2), (5, 4)):
-                loss_fn = dl.DINOLoss(K, ncrops, 0.04, 0.04, 0, 1, impl="triton", n_teacher_views=n_tv)
-                s = torch.randn(ncrops * B, K, generator=g).to(dtype).requires_grad_()
-                t = torch.randn(n_tv * B, K, generator=g).to(dtype)
+                loss_fn = dl.DINOLoss(K, ncrops, 0.04, 0.04, 0, 1, impl="triton", n_teacher_views=n_tv).to(DEVICE)
+                s = torch.randn(ncrops * B, K, generator=g).to(DEVICE, dtype).requires_grad_()
+                t = torch.randn(n_tv * B, K, generator=g).to(DEVICE, dtype)
                 loss_fn(s, t, 0).backward()
                 assert torch.isfinite(s.grad).all()
     launched = {l.kernel for l in rec.launches}
