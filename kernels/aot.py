@@ -159,8 +159,9 @@ def ptxas_path(cc: int) -> str:
     """The ptxas triton itself uses for `cc` (ptxas-blackwell for sm_100+ on recent wheels)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        return get_ptxas(cc).path
-    except (ImportError, AttributeError):
+        tool = get_ptxas(cc)
+        return tool[0] if isinstance(tool, tuple) else tool.path     # (path, version) before triton 3.4
+    except (ImportError, AttributeError, RuntimeError):
         import triton
         bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
         return os.path.join(bin_dir, "ptxas")
