@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import import_module
 
 # Every module of dino_fast.kernels that holds a @triton.jit kernel.
@@ -87,7 +87,6 @@ class CompileResult:
     limiter: str = ""                # what bounds blocks_per_sm: regs | smem | warps | blocks
     grid: int | None = None          # programs launched for the default problem
     waves: int | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def spill_bytes(self) -> int:
