@@ -17,8 +17,8 @@ HELP = "benchmark the hot paths against their references"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
-    parser.add_argument("--output", default="bench_output",
-                        help="directory for bench.json and bench.png (default ./bench_output)")
+    parser.add_argument("--output", default=os.path.join("output", "bench"),
+                        help="directory for bench.json and bench.png (default ./output/bench)")
     parser.add_argument("--cases", default=None,
                         help="comma-separated subset of: dino_loss, ema, model_fwd_bwd, pipeline_epoch, "
                              "train_step, knn (default: all)")
