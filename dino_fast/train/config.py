@@ -1,0 +1,269 @@
+"""The training configuration: one typed dataclass, a docstring per field.
+
+The first block mirrors every argument of the reference `main_dino.py` with
+its default; the second holds dino-fast's own settings. `from_args` builds a
+config from a preset plus command-line overrides, `validate` turns bad values
+into errors that name the argument and the fix, `save` writes the resolved
+config next to the run.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base")
+OPTIMIZERS = ("adamw", "sgd", "lars")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # ---- the reference main_dino.py arguments (same names, same defaults) ----
+    arch: str = "vit_small"
+    """Backbone: vit_tiny, vit_small or vit_base."""
+    patch_size: int = 16
+    """Patch size in pixels; smaller patches are more accurate and much slower."""
+    out_dim: int = 65536
+    """Output dimension K of the DINO head (65536 in the paper)."""
+    norm_last_layer: bool = True
+    """Weight-normalise the head's last layer with its norm fixed to 1 (more stable; False is better for ViT-S)."""
+    momentum_teacher: float = 0.996
+    """Base teacher EMA momentum, raised to 1 with a cosine schedule (use 0.9995 for batch 256)."""
+    use_bn_in_head: bool = False
+    """Batch norm in the projection head (off for ViTs)."""
+    warmup_teacher_temp: float = 0.04
+    """Initial teacher temperature."""
+    teacher_temp: float = 0.04
+    """Teacher temperature after its warm-up (paper long runs: 0.07)."""
+    warmup_teacher_temp_epochs: int = 0
+    """Epochs of linear teacher-temperature warm-up (reference default 0; paper: 30)."""
+    use_fp16: bool = False
+    """Reference flag: True is the same as --precision fp16 (fp16 autocast + grad scaler)."""
+    weight_decay: float = 0.04
+    """Initial weight decay (not applied to biases and norms)."""
+    weight_decay_end: float = 0.4
+    """Final weight decay of the cosine schedule."""
+    clip_grad: float = 3.0
+    """Maximal gradient norm per parameter tensor; 0 disables clipping."""
+    batch_size_per_gpu: int = 64
+    """Images per GPU (per process) per optimizer step."""
+    epochs: int = 100
+    """Number of training epochs."""
+    freeze_last_layer: int = 1
+    """Epochs during which the head's last layer is kept fixed."""
+    lr: float = 0.0005
+    """Peak learning rate for a total batch of 256; scaled linearly with the total batch."""
+    warmup_epochs: int = 10
+    """Epochs of linear learning-rate warm-up."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine schedule."""
+    optimizer: str = "adamw"
+    """Optimizer: adamw (ViTs), sgd or lars (convnets, large batches)."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate of the student."""
+    global_crops_scale: tuple = (0.4, 1.0)
+    """Area range (fraction of the image) of the 2 global crops."""
+    local_crops_number: int = 8
+    """Number of local crops (0 disables multi-crop; paper best: 10)."""
+    local_crops_scale: tuple = (0.05, 0.4)
+    """Area range (fraction of the image) of the local crops."""
+    data_path: str = "demo"
+    """Training images: an image folder, a flat folder, a .txt file list, tar shards, or 'demo' (built-in Fashion-MNIST)."""
+    output_dir: str = "."
+    """Folder for checkpoints, the JSON-lines log, the loss curve and the resolved config."""
+    saveckp_freq: int = 20
+    """Keep a copy checkpoint{epoch:04}.pth every this many epochs (0: only checkpoint.pth)."""
+    seed: int = 0
+    """Random seed."""
+    num_workers: int = 10
+    """Data-loading workers per process (torch pipeline)."""
+
+    # ---- dino-fast's own settings ----
+    preset: str = ""
+    """Name of the preset this config started from (informational; set by --preset)."""
+    precision: str = "bf16"
+    """bf16 (FSDP param_dtype / autocast bf16, fp32 master weights), fp16 (autocast + grad scaler) or fp32. Reduced precision applies on CUDA devices; CPU runs fp32."""
+    attention: str = "auto"
+    """Attention backend of the ViT: auto, xformers, flash, flex, sdpa or math."""
+    loss_impl: str = "auto"
+    """DINO loss implementation: auto, triton or torch."""
+    ema_impl: str = "auto"
+    """Teacher EMA implementation: auto, triton, foreach or loop (the reference's per-parameter loop)."""
+    pipeline: str = "auto"
+    """Data pipeline backend: auto, dali or torch."""
+    compile: bool = False
+    """torch.compile the student and teacher."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward (saves memory, ~30% more compute)."""
+    log_interval: int = 10
+    """Optimizer steps between log records (the only host syncs of the loop)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: batch_size_per_gpu is split into this many; EMA, centre and schedules advance once per step."""
+    dist_timeout: int = 30
+    """Minutes a collective may wait before the run fails with an error instead of hanging."""
+    stop_on_collapse: bool = False
+    """Stop cleanly (naming the last good checkpoint) when the collapse monitor fires, instead of only warning."""
+    collapse_patience: int = 5
+    """Consecutive logging steps of collapsed teacher entropy before the collapse warning fires."""
+    dry_run: bool = False
+    """Build the model, print the memory plan and exit without training."""
+    gpu_memory: float = 0.0
+    """GPU memory in GB for the --dry_run plan (0: the visible GPU's, else 80)."""
+    global_size: int = 224
+    """Side in pixels of the global crops."""
+    local_size: int = 96
+    """Side in pixels of the local crops."""
+    device: str = "auto"
+    """auto (the local CUDA device, else CPU), cuda or cpu."""
+    depth: int = 0
+    """Transformer blocks of the backbone (0: the architecture's own; the demo uses fewer)."""
+    head_hidden_dim: int = 2048
+    """Hidden width of the DINO head MLP."""
+    head_bottleneck_dim: int = 256
+    """Bottleneck width of the DINO head before the last layer."""
+    fsdp: str = "auto"
+    """Shard with FSDP2: auto (when running with more than one process), on, off."""
+    resume: bool = True
+    """Continue from output_dir/checkpoint.pth (or the sharded checkpoint/) when one exists, as the reference does."""
+    max_images: int = 0
+    """Use only the first N images of the data (0: all); for quick tries."""
+    knn_eval: bool = True
+    """For the demo data: print the teacher's weighted 20-NN accuracy before and after training."""
+
+
+@lru_cache(maxsize=1)
+def field_docs() -> dict[str, str]:
+    """Field name -> its docstring (read from this file's source)."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the argument and the fix."""
+
+
+def _check_scale(name: str, value) -> tuple:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} needs two numbers 'min max' (e.g. 0.4 1.0), got {value!r}") from None
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ConfigError(f"--{name} {lo} {hi}: the crop area range must satisfy 0 < min <= max <= 1 "
+                          f"(fractions of the image area, e.g. --{name} 0.4 1.0)")
+    return (lo, hi)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field; returns cfg with derived fields settled (use_fp16 -> precision)."""
+    def choice(name, options):
+        if getattr(cfg, name) not in options:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r} is not one of: {', '.join(options)}")
+    choice("arch", ARCHS)
+    choice("optimizer", OPTIMIZERS)
+    choice("precision", PRECISIONS)
+    choice("fsdp", ("auto", "on", "off"))
+    choice("device", ("auto", "cuda", "cpu"))
+    if cfg.use_fp16:
+        cfg.precision = "fp16"
+    cfg.global_crops_scale = _check_scale("global_crops_scale", cfg.global_crops_scale)
+    cfg.local_crops_scale = _check_scale("local_crops_scale", cfg.local_crops_scale)
+    positive = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_interval", "grad_accum_steps",
+                "global_size", "local_size", "dist_timeout", "head_hidden_dim", "head_bottleneck_dim")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
+                 "saveckp_freq", "num_workers", "depth", "max_images"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.batch_size_per_gpu % cfg.grad_accum_steps:
+        raise ConfigError(f"--batch_size_per_gpu {cfg.batch_size_per_gpu} is not divisible by --grad_accum_steps "
+                          f"{cfg.grad_accum_steps}: each micro-batch holds batch_size_per_gpu / grad_accum_steps images")
+    if cfg.warmup_epochs > cfg.epochs or cfg.warmup_teacher_temp_epochs > cfg.epochs:
+        raise ConfigError(f"--warmup_epochs ({cfg.warmup_epochs}) and --warmup_teacher_temp_epochs "
+                          f"({cfg.warmup_teacher_temp_epochs}) cannot exceed --epochs ({cfg.epochs})")
+    if min(cfg.global_size, cfg.local_size) < cfg.patch_size:
+        raise ConfigError(f"crops of {min(cfg.global_size, cfg.local_size)} px are smaller than one patch "
+                          f"({cfg.patch_size} px): raise --local_size/--global_size or lower --patch_size")
+    if cfg.data_path != "demo" and not any(c in cfg.data_path for c in "*?[") and not os.path.exists(cfg.data_path):
+        raise ConfigError(f"--data_path {cfg.data_path!r} does not exist: point it at a folder of images "
+                          "(ImageFolder or flat), a .txt file list, or webdataset .tar shards; "
+                          "or use --data_path demo for the built-in demo images")
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["global_crops_scale"], d["local_crops_scale"] = list(cfg.global_crops_scale), list(cfg.local_crops_scale)
+    return d
+
+
+def from_dict(d: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; valid keys are the fields of TrainConfig")
+    d = dict(d)
+    for k in ("global_crops_scale", "local_crops_scale"):
+        if k in d:
+            d[k] = tuple(d[k])
+    return TrainConfig(**d)
+
+
+def save(cfg: TrainConfig, output_dir: str) -> str:
+    """Write the resolved config as `config.json` in output_dir (atomically)."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.json")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(cfg), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+# ---- command line: one flag per field -------------------------------------------------------
+def _bool(text: str) -> bool:
+    """The reference's bool_flag: true/false, on/off, 1/0."""
+    low = str(text).lower()
+    if low in ("1", "true", "on", "yes"):
+        return True
+    if low in ("0", "false", "off", "no"):
+        return False
+    import argparse
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser) -> None:
+    """`--preset NAME` plus `--<field> value` for every field (defaults suppressed, so only the
+    flags given on the command line override the preset)."""
+    import argparse
+    from .presets import PRESETS
+    docs = field_docs()
+    parser.add_argument("--preset", default=None, help=f"start from a named config: {', '.join(PRESETS)} "
+                        "(default: demo when no --data_path is given, else the reference defaults)")
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        kw = dict(default=argparse.SUPPRESS, help=(docs.get(f.name, "") + f" (default {f.default!r})").replace("%", "%%"))
+        if f.type in ("tuple", tuple):
+            kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
+        elif f.type in ("bool", bool):
+            kw.update(type=_bool, metavar="true|false")
+        else:
+            kw.update(type={"int": int, "float": float, "str": str}[str(f.type)])
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def overrides_from_args(args) -> dict:
+    """The fields given on the command line."""
+    names = {f.name for f in fields(TrainConfig)} - {"preset"}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names}

@@ -1,0 +1,210 @@
+"""`train(cfg)`: the DINO training loop (data → forward → loss → backward →
+step → EMA → log). The step itself is in step.py, the models in build.py.
+
+No host synchronisation between logging steps: the loss, the non-finite flag
+and the data-wait time accumulate on the device / host side and are read once
+every `log_interval` steps (one all-reduce under FSDP).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .build import build_loss, build_pair, prepare
+from .config import ConfigError, TrainConfig, to_dict
+from .config import save as save_config
+from .logger import RunLogger
+from .optim import build_optimizer, build_schedules, get_params_groups
+from .step import StepState, train_step
+
+log = logging.getLogger(__name__)
+_STATS = ("teacher_entropy", "student_entropy", "kl", "teacher_max_prob", "center_norm")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss, collapse); the message says why and what to do."""
+
+
+@dataclass
+class Run:
+    """Process placement of this run."""
+    rank: int
+    world_size: int
+    device: torch.device
+    use_fsdp: bool
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group (torchrun / SLURM / plain via dino_fast.train.launch) and device."""
+    if dist.is_available() and dist.is_initialized():  # a caller (tests, notebooks) set it up already
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    else:
+        from .launch import init_distributed
+        info = init_distributed(timeout_minutes=cfg.dist_timeout, backend="gloo" if cfg.device == "cpu" else None)
+        rank, world, device = info.rank, info.world_size, info.device
+    if cfg.device == "cpu":
+        device = torch.device("cpu")
+    elif cfg.device == "cuda" and device.type != "cuda":
+        raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+    if cfg.fsdp == "off" and world > 1:
+        raise ConfigError(f"--fsdp off with {world} processes: multi-process training shards with FSDP2; "
+                          "use --fsdp auto")
+    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and world > 1)
+    return Run(rank, world, device, use_fsdp)
+
+
+def build_loader(cfg: TrainConfig, run: Run):
+    from dino_fast.pipelines import MultiCropLoader
+    from .demo import demo_source
+    source = demo_source(cfg.max_images) if cfg.data_path == "demo" else cfg.data_path
+    return MultiCropLoader(source, cfg.batch_size_per_gpu, global_crops_scale=cfg.global_crops_scale,
+                           local_crops_scale=cfg.local_crops_scale, local_crops_number=cfg.local_crops_number,
+                           global_size=cfg.global_size, local_size=cfg.local_size, backend=cfg.pipeline,
+                           device=run.device, rank=run.rank, world_size=run.world_size, seed=cfg.seed,
+                           num_workers=cfg.num_workers)
+
+
+def _timed(loader):
+    """Yield (batch, seconds spent waiting for it) — host timestamps around next()."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - t0
+
+
+def _oom(cfg, run, exc):
+    """The OOM re-raised with the memory plan's numbers and the three remedies."""
+    from .memory import memory_plan_from_config, oom_error
+    try:
+        plan = memory_plan_from_config(cfg, world_size=run.world_size, gpu_memory=cfg.gpu_memory or None)
+    except Exception:  # the plan is a help, never a second failure
+        plan = None
+    return oom_error(exc, plan=plan, cfg=cfg, world_size=run.world_size)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train under `cfg`; returns a summary dict (losses, k-NN before/after for the demo)."""
+    run = setup(cfg)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards them)
+    if run.rank == 0:
+        save_config(cfg, cfg.output_dir)
+    # ============ models, loss, optimizer, schedules ============
+    loader = build_loader(cfg, run)
+    student, teacher = build_pair(cfg)
+    from dino_fast.model.flops import dino_step_flops_per_image
+    flops_img = dino_step_flops_per_image(student.backbone, cfg.global_size, cfg.local_size, 2,
+                                          cfg.local_crops_number, head=student.head)
+    student, teacher, autocast, scaler = prepare(cfg, student, teacher, run.device, run.world_size, run.use_fsdp)
+    dino_loss = build_loss(cfg, run.device)
+    optimizer = build_optimizer(cfg.optimizer, get_params_groups(student))
+    schedules = build_schedules(cfg, len(loader), run.world_size)
+    st = StepState(cfg, student, teacher, dino_loss, optimizer, schedules, autocast, scaler, run.use_fsdp)
+    # ============ resume ============
+    start_epoch, it, last_ckpt = 0, 0, None
+    if cfg.resume and (last_ckpt := checkpoint.find(cfg.output_dir)):
+        pos = checkpoint.load(last_ckpt, st, world_size=run.world_size, use_fsdp=run.use_fsdp)
+        start_epoch, it = pos["epoch"], pos["it"]
+        log.info("resumed from %s at epoch %d (iteration %d)", last_ckpt, start_epoch, it)
+    summary = {"output_dir": cfg.output_dir, "start_epoch": start_epoch, "epochs": []}
+    knn = cfg.knn_eval and cfg.data_path == "demo" and run.world_size == 1
+    if knn:
+        from .demo import knn_top1
+        summary["knn_before"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
+    from .health import CollapseMonitor
+    monitor = CollapseMonitor(cfg.out_dim, patience=cfg.collapse_patience,
+                              warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
+    logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"))
+    from dino_fast.benchmark import device_spec
+    peak = device_spec(run.device).bf16_tflops * 1e12 * run.world_size
+    imgs_per_step = cfg.batch_size_per_gpu * run.world_size
+
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        logger.start_epoch(epoch)
+        loss_win = torch.zeros((), device=run.device)       # device accumulators: no sync per step
+        loss_ep = torch.zeros((), device=run.device)
+        bad_it = torch.full((), -1, dtype=torch.long, device=run.device)
+        n_win = n_ep = 0
+        wait = wait_ep = 0.0
+        t_win = t_ep = time.perf_counter()
+        for (crops, _), waited in _timed(loader):
+            # ============ forward → loss → backward → step → EMA ============
+            try:
+                loss = train_step(st, crops, it, epoch)
+            except torch.OutOfMemoryError as exc:
+                raise _oom(cfg, run, exc) from exc
+            # ============ log (device sums; read every log_interval steps) ============
+            loss_win += loss
+            bad_it = torch.where(torch.isfinite(loss) | (bad_it >= 0), bad_it, torch.full_like(bad_it, it))
+            it, n_win, wait = it + 1, n_win + 1, wait + waited
+            logger.advance()
+            if n_win == cfg.log_interval or n_ep + n_win == len(loader):
+                now = time.perf_counter()
+                stats = [dino_loss.last_stats[k] for k in _STATS if k in getattr(dino_loss, "last_stats", {})]
+                vec = torch.stack([loss_win.float() / n_win] + [s.float() for s in stats])
+                if run.world_size > 1:
+                    from .launch import named_collective
+                    named_collective("all_reduce log stats", dist.all_reduce, vec)
+                    named_collective("all_reduce non-finite flag", dist.all_reduce, bad_it, op=dist.ReduceOp.MAX)
+                    vec /= run.world_size
+                values, first_bad = vec.tolist(), int(bad_it)   # the host sync of this logging step
+                if first_bad >= 0:
+                    raise TrainingStopped(
+                        f"non-finite loss at iteration {first_bad} (epoch {epoch + 1}); the last good checkpoint "
+                        f"is {last_ckpt or 'none (no epoch finished yet)'}. Usual fixes: --precision bf16 "
+                        f"instead of fp16, a lower --lr, --clip_grad 3.0, a smaller --teacher_temp.")
+                dt = now - t_win
+                img_s = n_win * imgs_per_step / dt
+                rec = {"epoch": epoch, "it": it, "loss": values[0], "lr": float(schedules.lr[it - 1]),
+                       "wd": float(schedules.wd[it - 1]), "momentum": float(schedules.momentum[it - 1]),
+                       "img_s": img_s, "mfu": flops_img * img_s / peak, "data_time_frac": min(1.0, wait / dt),
+                       "step_time_s": dt / n_win, **dict(zip([k for k in _STATS if k in dino_loss.last_stats],
+                                                              values[1:]))}
+                logger.step(rec)
+                alarm = monitor.update(rec, epoch, context=dict(  # same averaged values on every rank
+                    teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
+                    warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+                    center_momentum=getattr(dino_loss, "center_momentum", 0.9), lr=rec["lr"], base_lr=cfg.lr,
+                    batch_size=imgs_per_step, batch_size_per_gpu=cfg.batch_size_per_gpu,
+                    world_size=run.world_size, grad_accum_steps=cfg.grad_accum_steps,
+                    momentum_teacher=cfg.momentum_teacher, norm_last_layer=cfg.norm_last_layer, step=it,
+                    checkpoint=last_ckpt or "none yet")) if "teacher_entropy" in rec else None
+                if alarm:
+                    log.warning(alarm)
+                    logger.warnings.append(alarm)
+                if alarm and cfg.stop_on_collapse:
+                    raise TrainingStopped(f"{alarm}\nStopped (--stop_on_collapse); the last good checkpoint is "
+                                          f"{last_ckpt or 'none (no epoch finished yet)'}.")
+                loss_ep += loss_win
+                n_ep, wait_ep = n_ep + n_win, wait_ep + wait
+                loss_win.zero_()
+                n_win, wait, t_win = 0, 0.0, time.perf_counter()
+        logger.end_epoch()
+        # ============ epoch end: checkpoint, epoch record ============
+        dt = time.perf_counter() - t_ep
+        ep_loss = float(loss_ep) / max(n_ep, 1)
+        keep = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
+        last_ckpt = checkpoint.save(cfg.output_dir, st, epoch=epoch + 1, it=it, args=to_dict(cfg),
+                                    world_size=run.world_size, use_fsdp=run.use_fsdp, keep_copy=keep)
+        rec = {"epoch": epoch, "it": it, "loss": ep_loss, "lr": float(schedules.lr[it - 1]),
+               "img_s": n_ep * imgs_per_step / dt, "data_time_frac": min(1.0, wait_ep / dt), "time_s": dt}
+        logger.epoch(rec)
+        summary["epochs"].append(rec)
+        log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, ep_loss,
+                 rec["img_s"], last_ckpt)
+    if knn:
+        summary["knn_after"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
+    summary["warnings"] = logger.warnings
+    summary["step_losses"] = list(logger.losses)
+    return summary

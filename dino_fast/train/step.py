@@ -1,0 +1,109 @@
+"""One optimizer step of DINO: forward → loss → backward → step → EMA, with
+gradient accumulation, and no host synchronisation (nothing here reads a
+device value on the host: the loss comes back as a device tensor).
+
+Gradient accumulation (`grad_accum_steps = n`): the per-GPU batch B is split
+into n micro-batches of B/n. Each micro-batch's loss is a mean over its B/n
+images, so its gradient is scaled by 1/n and the accumulated gradient is the
+gradient of the mean over all B. Every micro-batch sees the same centre (the
+one of the step's start); the centre is then updated once, from the teacher
+outputs of all micro-batches in crop-major order, exactly the rows the
+single-batch step would have used. Under FSDP2 the gradient reduce-scatter
+runs on the last micro-batch only. The optimizer step, the EMA and the
+schedules advance once per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .optim import Schedules, cancel_gradients_last_layer, clip_gradients
+
+
+@dataclass
+class StepState:
+    """Everything a step touches."""
+    cfg: object
+    student: nn.Module
+    teacher: nn.Module
+    dino_loss: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    autocast: Callable
+    scaler: object = None                  # torch.amp.GradScaler for fp16, else None
+    use_fsdp: bool = False
+    student_params: list = field(default_factory=list)
+    teacher_params: list = field(default_factory=list)
+
+    def __post_init__(self):
+        # the EMA pairs: identical module structure, so parameters() orders match
+        self.student_params = list(self.student.parameters())
+        self.teacher_params = list(self.teacher.parameters())
+
+
+def split_micro_batches(crops: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
+    """[crop (B, 3, S, S)] -> n lists of [crop (B/n, 3, S, S)] (views)."""
+    if n == 1:
+        return [crops]
+    m = crops[0].shape[0] // n
+    return [[c[j * m:(j + 1) * m] for c in crops] for j in range(n)]
+
+
+def _crop_major(teacher_outs: list[torch.Tensor]) -> torch.Tensor:
+    """Micro-batch teacher outputs [(2*b, K)] -> (2*B, K) in the single-batch row order."""
+    halves = [o.chunk(2) for o in teacher_outs]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+
+def train_step(st: StepState, crops: list[torch.Tensor], it: int, epoch: int) -> torch.Tensor:
+    """One optimizer step at global iteration `it`; returns the mean loss (0-dim, device)."""
+    cfg, loss_fn = st.cfg, st.dino_loss
+    n = cfg.grad_accum_steps
+    st.schedules.set_optimizer(st.optimizer, it)
+    st.optimizer.zero_grad(set_to_none=True)
+
+    # ---- forward → loss → backward, per micro-batch ----
+    if n > 1:
+        center0 = loss_fn.center.detach().clone()
+        teacher_outs = []
+    loss_sum = None
+    for j, micro in enumerate(split_micro_batches(crops, n)):
+        if st.use_fsdp:
+            st.student.set_requires_gradient_sync(j == n - 1)  # reduce-scatter once per step
+        with st.autocast():
+            with torch.no_grad():
+                teacher_out = st.teacher(micro[:2])        # (2*b, K): the 2 global crops only
+            student_out = st.student(micro)                # (ncrops*b, K): all crops
+            if n > 1:
+                with torch.no_grad():
+                    loss_fn.center.copy_(center0)          # every micro-batch uses the step's centre
+            loss = loss_fn(student_out, teacher_out, epoch)
+        scaled = loss / n if n > 1 else loss
+        (st.scaler.scale(scaled) if st.scaler is not None else scaled).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if n > 1:
+            teacher_outs.append(teacher_out.detach())
+    if n > 1:  # one centre update from the teacher outputs of all micro-batches
+        with torch.no_grad():
+            loss_fn.center.copy_(center0)
+            loss_fn.update_center(_crop_major(teacher_outs))
+
+    # ---- step: (unscale) → per-tensor clip → freeze last layer → optimizer ----
+    if st.scaler is not None:
+        st.scaler.unscale_(st.optimizer)
+    if cfg.clip_grad:
+        clip_gradients(st.student, cfg.clip_grad)
+    cancel_gradients_last_layer(epoch, st.student, cfg.freeze_last_layer)
+    if st.scaler is not None:
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+    else:
+        st.optimizer.step()
+
+    # ---- EMA: teacher ← m·teacher + (1−m)·student (local shards under FSDP2) ----
+    from dino_fast.kernels.ema import ema_update_
+    ema_update_(st.teacher_params, st.student_params, float(st.schedules.momentum[it]), impl=cfg.ema_impl)
+    return loss_sum / n if n > 1 else loss_sum
