@@ -91,6 +91,8 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert full["epochs"][-1]["loss"] == resumed["epochs"][-1]["loss"]
+    assert [r["loss"] for r in records(tmp_path / "cut", "epoch")] == \
+        [r["loss"] for r in records(tmp_path / "full", "epoch")]                  # the log continues cleanly
 
 
 def _fsdp_rank(rank, world, out_dir):

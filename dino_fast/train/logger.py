@@ -19,7 +19,7 @@ DATA_TIME_PATIENCE = 3    # ... for this many logging steps in a row
 
 class RunLogger:
     def __init__(self, output_dir: str, enabled: bool, epochs: int, steps_per_epoch: int,
-                 pipeline_backend: str = "?"):
+                 pipeline_backend: str = "?", resume_it: int = 0):
         self.output_dir, self.enabled = output_dir, enabled
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.pipeline_backend = pipeline_backend
@@ -30,14 +30,17 @@ class RunLogger:
         self._bar = None
         self._slow_data = 0
         self.warnings: list[str] = []
-        if enabled and os.path.exists(self.path):  # resumed run: keep the curve so far
+        if enabled and os.path.exists(self.path):
+            # a resumed run keeps the records up to the checkpoint's iteration and drops the rest
+            # (written after the last checkpoint by the interrupted run; they are about to be redone)
             with open(self.path) as f:
-                for line in f:
-                    rec = json.loads(line)
-                    if rec.get("type") == "step":
-                        self.losses.append(rec["loss"])
-                    elif rec.get("type") == "epoch":
-                        self.epoch_losses.append(rec["loss"])
+                kept = [r for r in map(json.loads, f) if resume_it and r.get("it", 0) <= resume_it]
+            tmp = f"{self.path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+            self.losses = [r["loss"] for r in kept if r.get("type") == "step"]
+            self.epoch_losses = [r["loss"] for r in kept if r.get("type") == "epoch"]
 
     # ---- progress bar ----
     def start_epoch(self, epoch: int) -> None:
@@ -90,8 +93,8 @@ class RunLogger:
     def _check_data_time(self, frac: float) -> None:
         self._slow_data = self._slow_data + 1 if frac > DATA_TIME_WARN else 0
         if self._slow_data == DATA_TIME_PATIENCE:
-            msg = (f"waiting for data takes {100 * frac:.0f}% of each step (pipeline backend "
-                   f"'{self.pipeline_backend}'): the GPU is starved. ")
+            msg = (f"waiting for data takes {100 * frac:.0f}% of each step's wall time (pipeline backend "
+                   f"'{self.pipeline_backend}'): the model is starved of images. ")
             msg += ("Use --pipeline dali (GPU decode and augmentation), " if self.pipeline_backend != "dali"
                     else "Raise the DALI threads / prefetch, ")
             msg += ("raise --num_workers, or pack the images into tar shards (`dino-fast pack`) "

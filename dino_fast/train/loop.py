@@ -124,7 +124,8 @@ def train(cfg: TrainConfig) -> dict:
     from .health import CollapseMonitor
     monitor = CollapseMonitor(cfg.out_dim, patience=cfg.collapse_patience,
                               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
-    logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"))
+    logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"),
+                       resume_it=it)
     from dino_fast.benchmark import device_spec
     peak = device_spec(run.device).bf16_tflops * 1e12 * run.world_size
     imgs_per_step = cfg.batch_size_per_gpu * run.world_size
@@ -194,13 +195,13 @@ def train(cfg: TrainConfig) -> dict:
         # ============ epoch end: checkpoint, epoch record ============
         dt = time.perf_counter() - t_ep
         ep_loss = float(loss_ep) / max(n_ep, 1)
+        rec = {"epoch": epoch, "it": it, "loss": ep_loss, "lr": float(schedules.lr[it - 1]),
+               "img_s": n_ep * imgs_per_step / dt, "data_time_frac": min(1.0, wait_ep / dt), "time_s": dt}
+        logger.epoch(rec)  # before the checkpoint: a resume drops log records past its position
+        summary["epochs"].append(rec)
         keep = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
         last_ckpt = checkpoint.save(cfg.output_dir, st, epoch=epoch + 1, it=it, args=to_dict(cfg),
                                     world_size=run.world_size, use_fsdp=run.use_fsdp, keep_copy=keep)
-        rec = {"epoch": epoch, "it": it, "loss": ep_loss, "lr": float(schedules.lr[it - 1]),
-               "img_s": n_ep * imgs_per_step / dt, "data_time_frac": min(1.0, wait_ep / dt), "time_s": dt}
-        logger.epoch(rec)
-        summary["epochs"].append(rec)
         log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, ep_loss,
                  rec["img_s"], last_ckpt)
     if knn:
