@@ -195,7 +195,7 @@ def _jit_function(fn):
 def _attrs(fn, signature: dict[str, str], aligned: tuple[str, ...] | None) -> dict:
     """Divisibility-by-16 hints as the JIT launcher gives them: every pointer
     (torch allocations are 256-byte aligned) plus integers named in
-    `spec.problem["divisible_by_16"]`."""
+    `spec.divisible_by_16` (or `spec.problem["divisible_by_16"]`)."""
     names = list(fn.arg_names)
     attrs = {}
     for arg, ty in signature.items():
@@ -217,7 +217,7 @@ def compile_spec(spec, arch: Arch, module: str = "") -> CompileResult:
         missing = [a for a in fn.arg_names if a not in spec.signature]
         if missing:
             raise ValueError(f"signature lacks argument(s) {missing} of {fn.__name__}")
-        aligned = tuple(spec.problem.get("divisible_by_16", ()))
+        aligned = tuple(getattr(spec, "divisible_by_16", ()) or spec.problem.get("divisible_by_16", ()))
         bad = [a for a in aligned if spec.signature.get(a, "")[:1] not in ("i", "u")]
         if bad:
             raise ValueError(f"problem['divisible_by_16'] names {bad}, which are not integer arguments")

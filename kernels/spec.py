@@ -25,6 +25,9 @@ class KernelSpec:
     dtype: the input dtype this spec serves ("fp32", "bf16", "fp16").
     problem: optional default problem description used for occupancy/waves
         estimates, e.g. {"grid": 1536} (number of programs launched).
+    divisible_by_16: integer arguments the launcher passes as multiples of 16
+        (the JIT specialises them at launch, e.g. K = 65536): the compile
+        marks them aligned, as the real launch does.
     """
 
     name: str
@@ -35,8 +38,12 @@ class KernelSpec:
     num_stages: int = 3
     dtype: str = "fp32"
     problem: dict[str, Any] = field(default_factory=dict)
+    divisible_by_16: tuple[str, ...] = ()
 
     @property
     def config(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
-        return ",".join(parts + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
+        parts += [f"warps={self.num_warps}", f"stages={self.num_stages}"]
+        if self.divisible_by_16:
+            parts.append("div16=" + "+".join(self.divisible_by_16))
+        return ",".join(parts)
