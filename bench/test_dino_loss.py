@@ -11,34 +11,19 @@ On the CPU (smoke) tiny shapes run and only correctness is asserted; on a GPU
 the record goes to bench/results/dino_loss_<device>.json.
 """
 import json
-import os
-import tempfile
 
 import pytest
 import torch
 
+from dino_fast.bench_baseline import save_record
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
 from dino_fast.kernels import dino_loss as dl
 from dino_fast.kernels.dino_loss import DINOLoss
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def _save(name: str, rec: dict) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}_{rec['device']}.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data[rec["variant"]] = rec
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _sweep(make, device, s, t, iters):
@@ -125,5 +110,5 @@ def test_dino_loss(benchmark, device, smoke, spec, ncrops, dtype):
     benchmark.pedantic(_step(fused, s, t), rounds=1 if smoke else 10, iterations=1,
                        warmup_rounds=0 if smoke else 1)
     if not smoke:
-        _save("dino_loss", rec)
+        save_record("dino_loss", rec["variant"], rec)
         assert ms < ref_ms, rec

@@ -7,17 +7,15 @@ GPU the record goes to bench/results/ema_<device>.json; on the CPU (smoke) a
 tiny ViT of the same layout runs and only correctness is asserted.
 """
 import json
-import os
-import tempfile
 
 import pytest
 import torch
 
+from dino_fast.bench_baseline import save_record
 from dino_fast.benchmark import record, time_ms
 from dino_fast.kernels.ema import ema_update_, ema_update_reference_, vit_b8_dino_param_shapes
 from tests.test_ema import _assert_close_to_exact
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 SMOKE_SHAPES = dict(out_dim=1000, depth=1, embed_dim=48, patch_size=16, img_size=32,
                     hidden_dim=64, bottleneck_dim=16)
 VARIANTS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -29,19 +27,6 @@ def _params(shapes, dtype, device, seed):
     return [torch.randn(s, generator=g, device=device).to(dtype) for s in shapes]
 
 
-def _save(name: str, rec: dict) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}_{rec['device']}.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data[rec["variant"]] = rec
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 @pytest.mark.parametrize("t_dtype,s_dtype", VARIANTS, ids=["fp32", "bf16", "fp32<-bf16"])
@@ -85,5 +70,5 @@ def test_ema(benchmark, device, smoke, spec, t_dtype, s_dtype):
     benchmark.pedantic(lambda: ema_update_(teacher, student, momentum, impl="triton"),
                        rounds=1 if smoke else 10, iterations=1, warmup_rounds=0 if smoke else 1)
     if not smoke:
-        _save("ema", rec)
+        save_record("ema", rec["variant"], rec)
         assert ms["triton"] < ms["loop"], rec

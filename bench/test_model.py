@@ -12,38 +12,23 @@ tiny crops and packed == per-group is asserted.
 """
 import json
 import os
-import tempfile
 
 import pytest
 import torch
 
 import dino_fast.model as dm
 import tests.reference_vit as ref
+from dino_fast.bench_baseline import save_record
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
 from dino_fast.model.attention import has_varlen, has_xformers
 from dino_fast.model.flops import multicrop_fwd_bwd_flops
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 GPU_CFG = dict(arch="vit_base", patch=8, depth=12, out_dim=65536, hidden=2048, bottleneck=256,
                batch=int(os.environ.get("DINO_BENCH_BATCH", "16")), global_size=224, local_size=96, n_local=10)
 SMOKE_CFG = dict(arch="vit_tiny", patch=8, depth=2, out_dim=256, hidden=64, bottleneck=32,
                  batch=2, global_size=32, local_size=16, n_local=10)
 
 
-def save_record(name: str, key: str, rec: dict) -> None:
-    """Merge `rec` under `key` into bench/results/<name>_<device>.json (atomic write)."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}_{rec['device']}.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data[key] = rec
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def gpu_backends() -> list[str]:
