@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from dino_fast.kernels.dino_loss_reference import dino_health_stats_reference
 
 STAT_NAMES = ("teacher_entropy", "student_entropy", "kl", "center_norm", "teacher_max_prob")
 
@@ -53,30 +54,15 @@ def health_stats_reference(student_output: torch.Tensor, teacher_output: torch.T
     if student_output.dim() != 2 or teacher_output.dim() != 2:
         raise ValueError(f"expected 2-D logits, got student {tuple(student_output.shape)} "
                          f"and teacher {tuple(teacher_output.shape)}")
-    s = student_output.float() / student_temp                        # (ncrops*B, K)
-    t = (teacher_output.float() - center.float()) / teacher_temp     # (n_t*B, K)
-    if s.shape[0] % ncrops or t.shape[0] % n_teacher_views or s.shape[0] // ncrops != t.shape[0] // n_teacher_views:
-        raise ValueError(f"student rows {s.shape[0]} / ncrops {ncrops} and teacher rows {t.shape[0]} / "
-                         f"n_teacher_views {n_teacher_views} must give the same batch size")
-    log_p = F.log_softmax(s, dim=-1)
-    log_q = F.log_softmax(t, dim=-1)
-    p, q = log_p.exp(), log_q.exp()
-    teacher_entropy = -(q * log_q).sum(-1)                            # (n_t*B,)
-    student_entropy = -(p * log_p).sum(-1)                            # (ncrops*B,)
-    log_p_views, q_views, log_q_views = log_p.chunk(ncrops), q.chunk(n_teacher_views), log_q.chunk(n_teacher_views)
-    kls = []
-    for i in range(n_teacher_views):
-        for v in range(ncrops):
-            if v == i:
-                continue
-            kls.append((q_views[i] * (log_q_views[i] - log_p_views[v])).sum(-1).mean())
-    return {
-        "teacher_entropy": teacher_entropy.mean(),
-        "student_entropy": student_entropy.mean(),
-        "kl": torch.stack(kls).mean(),
-        "center_norm": torch.linalg.vector_norm(center.float()),
-        "teacher_max_prob": q.max(dim=-1).values.mean(),
-    }
+    if student_output.shape[0] % ncrops or teacher_output.shape[0] % n_teacher_views or \
+            student_output.shape[0] // ncrops != teacher_output.shape[0] // n_teacher_views:
+        raise ValueError(f"student rows {student_output.shape[0]} / ncrops {ncrops} and teacher rows "
+                         f"{teacher_output.shape[0]} / n_teacher_views {n_teacher_views} must give the "
+                         f"same batch size")
+    # one reference for the whole project: the loss's (fp64), returned in fp32
+    stats = dino_health_stats_reference(student_output, teacher_output, center, ncrops, teacher_temp,
+                                        student_temp, n_teacher_views)
+    return {name: value.float() for name, value in stats.items()}
 
 
 # ----------------------------------------------------------------------------- monitor
