@@ -64,7 +64,10 @@ def build_loader(cfg: TrainConfig, run: Run):
     from dino_fast.pipelines import MultiCropLoader
     from .demo import demo_source
     source = demo_source(cfg.max_images) if cfg.data_path == "demo" else cfg.data_path
+    # the reference's blur sigma (0.1-2.0 px) is meant for 224 px crops: keep it in proportion
+    scale = cfg.global_size / 224
     return MultiCropLoader(source, cfg.batch_size_per_gpu, global_crops_scale=cfg.global_crops_scale,
+                           blur_sigma=(0.1 * scale, 2.0 * scale),
                            local_crops_scale=cfg.local_crops_scale, local_crops_number=cfg.local_crops_number,
                            global_size=cfg.global_size, local_size=cfg.local_size, backend=cfg.pipeline,
                            device=run.device, rank=run.rank, world_size=run.world_size, seed=cfg.seed,
@@ -81,6 +84,67 @@ def _timed(loader):
         except StopIteration:
             return
         yield batch, time.perf_counter() - t0
+
+
+class _Window:
+    """Sums over the steps since the last logging step: the loss and the first non-finite
+    iteration on the device (no sync per step), the data-wait seconds on the host."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.bad_it = torch.full((), -1, dtype=torch.long, device=device)
+        self.n, self.wait, self.t0 = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, it: int, waited: float) -> None:
+        self.loss += loss
+        self.bad_it = torch.where(torch.isfinite(loss) | (self.bad_it >= 0), self.bad_it,
+                                  torch.full_like(self.bad_it, it))
+        self.n, self.wait = self.n + 1, self.wait + waited
+
+    def merge(self, other: "_Window") -> None:
+        self.loss += other.loss
+        self.n, self.wait = self.n + other.n, self.wait + other.wait
+
+    def read(self, dino_loss, world_size: int, epoch: int, last_ckpt) -> tuple[dict, float]:
+        """Mean loss and health stats over ranks (one all-reduce), read on the host; stops on a
+        non-finite loss. Returns (values, seconds since the window opened)."""
+        stats = getattr(dino_loss, "last_stats", {})
+        names = [k for k in _STATS if k in stats]
+        vec = torch.stack([self.loss.float() / self.n] + [stats[k].float() for k in names])
+        bad = self.bad_it.clone()
+        if world_size > 1:
+            from .launch import named_collective
+            named_collective("all_reduce log stats", dist.all_reduce, vec)
+            named_collective("all_reduce non-finite flag", dist.all_reduce, bad, op=dist.ReduceOp.MAX)
+            vec /= world_size
+        values, first_bad = vec.tolist(), int(bad)
+        if first_bad >= 0:
+            raise TrainingStopped(
+                f"non-finite loss at iteration {first_bad} (epoch {epoch + 1}); the last good checkpoint "
+                f"is {last_ckpt or 'none (no epoch finished yet)'}. Usual fixes: --precision bf16 "
+                f"instead of fp16, a lower --lr, --clip_grad 3.0, a smaller --teacher_temp.")
+        return dict(zip(["loss"] + names, values)), time.perf_counter() - self.t0
+
+
+def _check_collapse(monitor, rec: dict, cfg, dino_loss, run: Run, it: int, last_ckpt, logger) -> None:
+    """Feed the collapse monitor (same averaged values on every rank); warn, or stop with
+    --stop_on_collapse."""
+    if "teacher_entropy" not in rec:
+        return
+    alarm = monitor.update(rec, rec["epoch"], context=dict(
+        teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+        center_momentum=getattr(dino_loss, "center_momentum", 0.9), lr=rec["lr"], base_lr=cfg.lr,
+        batch_size=cfg.batch_size_per_gpu * run.world_size, batch_size_per_gpu=cfg.batch_size_per_gpu,
+        world_size=run.world_size, grad_accum_steps=cfg.grad_accum_steps, momentum_teacher=cfg.momentum_teacher,
+        norm_last_layer=cfg.norm_last_layer, step=it, checkpoint=last_ckpt or "none yet"))
+    if not alarm:
+        return
+    log.warning(alarm)
+    logger.warnings.append(alarm)
+    if cfg.stop_on_collapse:
+        raise TrainingStopped(f"{alarm}\nStopped (--stop_on_collapse); the last good checkpoint is "
+                              f"{last_ckpt or 'none (no epoch finished yet)'}.")
 
 
 def _oom(cfg, run, exc):
@@ -133,76 +197,39 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         logger.start_epoch(epoch)
-        loss_win = torch.zeros((), device=run.device)       # device accumulators: no sync per step
-        loss_ep = torch.zeros((), device=run.device)
-        bad_it = torch.full((), -1, dtype=torch.long, device=run.device)
-        n_win = n_ep = 0
-        wait = wait_ep = 0.0
-        t_win = t_ep = time.perf_counter()
-        for (crops, _), waited in _timed(loader):
+        win, ep = _Window(run.device), _Window(run.device)
+        for (crops, _), waited in _timed(loader):  # ============ data (host wait timed) ============
             # ============ forward → loss → backward → step → EMA ============
             try:
                 loss = train_step(st, crops, it, epoch)
             except torch.OutOfMemoryError as exc:
                 raise _oom(cfg, run, exc) from exc
-            # ============ log (device sums; read every log_interval steps) ============
-            loss_win += loss
-            bad_it = torch.where(torch.isfinite(loss) | (bad_it >= 0), bad_it, torch.full_like(bad_it, it))
-            it, n_win, wait = it + 1, n_win + 1, wait + waited
+            # ============ log: device sums, read every log_interval steps ============
+            win.add(loss, it, waited)
+            it += 1
             logger.advance()
-            if n_win == cfg.log_interval or n_ep + n_win == len(loader):
-                now = time.perf_counter()
-                stats = [dino_loss.last_stats[k] for k in _STATS if k in getattr(dino_loss, "last_stats", {})]
-                vec = torch.stack([loss_win.float() / n_win] + [s.float() for s in stats])
-                if run.world_size > 1:
-                    from .launch import named_collective
-                    named_collective("all_reduce log stats", dist.all_reduce, vec)
-                    named_collective("all_reduce non-finite flag", dist.all_reduce, bad_it, op=dist.ReduceOp.MAX)
-                    vec /= run.world_size
-                values, first_bad = vec.tolist(), int(bad_it)   # the host sync of this logging step
-                if first_bad >= 0:
-                    raise TrainingStopped(
-                        f"non-finite loss at iteration {first_bad} (epoch {epoch + 1}); the last good checkpoint "
-                        f"is {last_ckpt or 'none (no epoch finished yet)'}. Usual fixes: --precision bf16 "
-                        f"instead of fp16, a lower --lr, --clip_grad 3.0, a smaller --teacher_temp.")
-                dt = now - t_win
-                img_s = n_win * imgs_per_step / dt
-                rec = {"epoch": epoch, "it": it, "loss": values[0], "lr": float(schedules.lr[it - 1]),
+            if win.n == cfg.log_interval or ep.n + win.n == len(loader):
+                values, dt = win.read(dino_loss, run.world_size, epoch, last_ckpt)   # the host sync
+                img_s = win.n * imgs_per_step / dt
+                rec = {"epoch": epoch, "it": it, **values, "lr": float(schedules.lr[it - 1]),
                        "wd": float(schedules.wd[it - 1]), "momentum": float(schedules.momentum[it - 1]),
-                       "img_s": img_s, "mfu": flops_img * img_s / peak, "data_time_frac": min(1.0, wait / dt),
-                       "step_time_s": dt / n_win, **dict(zip([k for k in _STATS if k in dino_loss.last_stats],
-                                                              values[1:]))}
+                       "img_s": img_s, "mfu": flops_img * img_s / peak, "data_time_frac": min(1.0, win.wait / dt),
+                       "step_time_s": dt / win.n}
                 logger.step(rec)
-                alarm = monitor.update(rec, epoch, context=dict(  # same averaged values on every rank
-                    teacher_temp=cfg.teacher_temp, warmup_teacher_temp=cfg.warmup_teacher_temp,
-                    warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
-                    center_momentum=getattr(dino_loss, "center_momentum", 0.9), lr=rec["lr"], base_lr=cfg.lr,
-                    batch_size=imgs_per_step, batch_size_per_gpu=cfg.batch_size_per_gpu,
-                    world_size=run.world_size, grad_accum_steps=cfg.grad_accum_steps,
-                    momentum_teacher=cfg.momentum_teacher, norm_last_layer=cfg.norm_last_layer, step=it,
-                    checkpoint=last_ckpt or "none yet")) if "teacher_entropy" in rec else None
-                if alarm:
-                    log.warning(alarm)
-                    logger.warnings.append(alarm)
-                if alarm and cfg.stop_on_collapse:
-                    raise TrainingStopped(f"{alarm}\nStopped (--stop_on_collapse); the last good checkpoint is "
-                                          f"{last_ckpt or 'none (no epoch finished yet)'}.")
-                loss_ep += loss_win
-                n_ep, wait_ep = n_ep + n_win, wait_ep + wait
-                loss_win.zero_()
-                n_win, wait, t_win = 0, 0.0, time.perf_counter()
+                _check_collapse(monitor, rec, cfg, dino_loss, run, it, last_ckpt, logger)
+                ep.merge(win)
+                win = _Window(run.device)
         logger.end_epoch()
-        # ============ epoch end: checkpoint, epoch record ============
-        dt = time.perf_counter() - t_ep
-        ep_loss = float(loss_ep) / max(n_ep, 1)
-        rec = {"epoch": epoch, "it": it, "loss": ep_loss, "lr": float(schedules.lr[it - 1]),
-               "img_s": n_ep * imgs_per_step / dt, "data_time_frac": min(1.0, wait_ep / dt), "time_s": dt}
+        # ============ epoch end: epoch record, checkpoint ============
+        dt = time.perf_counter() - ep.t0
+        rec = {"epoch": epoch, "it": it, "loss": float(ep.loss) / max(ep.n, 1), "lr": float(schedules.lr[it - 1]),
+               "img_s": ep.n * imgs_per_step / dt, "data_time_frac": min(1.0, ep.wait / dt), "time_s": dt}
         logger.epoch(rec)  # before the checkpoint: a resume drops log records past its position
         summary["epochs"].append(rec)
         keep = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
         last_ckpt = checkpoint.save(cfg.output_dir, st, epoch=epoch + 1, it=it, args=to_dict(cfg),
                                     world_size=run.world_size, use_fsdp=run.use_fsdp, keep_copy=keep)
-        log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, ep_loss,
+        log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, rec["loss"],
                  rec["img_s"], last_ckpt)
     if knn:
         summary["knn_after"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
