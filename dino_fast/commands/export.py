@@ -30,12 +30,20 @@ def run(args) -> int:
     print(f"{args.checkpoint} ({args.checkpoint_key}) -> {args.output}: {cfg.name}, {args.format} format")
     if args.format == "timm":
         try:
+            import timm
+
             from dino_fast.model.timm_interop import timm_model_name
-            print(f"load with: timm.create_model('{timm_model_name(_Dims(cfg))}', pretrained=False, num_classes=0"
+            name = timm_model_name(_Dims(cfg))
+            if not timm.is_model(name.split(".")[0]):
+                raise ValueError(name)
+            print(f"load with: timm.create_model('{name}', pretrained=False, num_classes=0"
                   + (f", img_size={args.timm_img_size}" if args.timm_img_size else "")
                   + f", depth={cfg.depth}).load_state_dict(torch.load('{args.output}'))")
-        except ValueError:
-            pass
+        except (ValueError, ImportError):  # no registered timm name: build timm's VisionTransformer directly
+            print(f"load with: timm.models.vision_transformer.VisionTransformer(img_size="
+                  f"{args.timm_img_size or cfg.img_size}, patch_size={cfg.patch_size}, embed_dim={cfg.embed_dim}, "
+                  f"depth={cfg.depth}, num_heads={cfg.num_heads}, num_classes=0)"
+                  f".load_state_dict(torch.load('{args.output}'))")
     else:
         print(f"load with: dino_fast.load('{args.output}')")
     return 0
