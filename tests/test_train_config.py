@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import fields
 
 import numpy as np
@@ -163,3 +164,18 @@ def test_lars_step_matches_formula():
     q = 0.001 * 5.0 / dp.norm()
     torch.testing.assert_close(p.data, torch.tensor([[3.0, 4.0]]) - 0.1 * dp * q)
     torch.testing.assert_close(b.data, torch.tensor([1.0, 1.0]) - 0.1 * torch.tensor([2.0, 2.0]))  # 1-D: plain
+
+
+def test_dry_run_prints_plan_with_the_model_parameter_count(tmp_path, capsys):
+    from dino_fast.cli import main
+    from dino_fast.model import DINOHead, vit_small
+    assert main(["train", "--preset", "vit_s16_in1k", "--data_path", str(tmp_path), "--dry_run", "true",
+                 "--gpu_memory", "24"]) == 0
+    out = capsys.readouterr().out
+    backbone = vit_small(patch_size=16)
+    n = sum(p.numel() for p in backbone.parameters()) + sum(
+        p.numel() for p in DINOHead(384, 65536, norm_last_layer=False).parameters())
+    assert f"student built with {n:,} parameters" in out
+    assert f"{n / 1e6:.2f} M" in out                                  # the plan counts the same model
+    assert "Largest micro-batch per GPU that fits" in out and "24.0 GiB" in out
+    assert not os.path.exists(tmp_path / "checkpoint.pth")            # trains nothing

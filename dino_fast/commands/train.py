@@ -60,9 +60,9 @@ def run(args) -> int:
 def _dry_run(cfg) -> int:
     """Build the student, print its parameter count and the memory plan, train nothing."""
     import os
-    from dino_fast.train.build import build_pair
+    from dino_fast.train.build import build_network
     from dino_fast.train.memory import format_plan, memory_plan_from_config
-    student, _ = build_pair(cfg)
+    student = build_network(cfg, student=True)
     n_params = sum(p.numel() for p in student.parameters())
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     plan = memory_plan_from_config(cfg, world_size=world, gpu_memory=cfg.gpu_memory or None)

@@ -30,15 +30,20 @@ def build_backbone(cfg, student: bool) -> nn.Module:
     return getattr(models, cfg.arch)(**kw)
 
 
+def build_network(cfg, student: bool = True) -> nn.Module:
+    """MultiCropWrapper(ViT, DINOHead) on the CPU in fp32 (the teacher: no drop path, and the
+    reference builds its head with norm_last_layer left at True)."""
+    from dino_fast.model import DINOHead, MultiCropWrapper
+    backbone = build_backbone(cfg, student)
+    head = DINOHead(backbone.embed_dim, cfg.out_dim, use_bn=cfg.use_bn_in_head,
+                    norm_last_layer=cfg.norm_last_layer if student else True,
+                    hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim)
+    return MultiCropWrapper(backbone, head)
+
+
 def build_pair(cfg) -> tuple[nn.Module, nn.Module]:
     """(student, teacher) on the CPU in fp32, teacher = student's weights, no grads."""
-    from dino_fast.model import DINOHead, MultiCropWrapper
-    heads = dict(use_bn=cfg.use_bn_in_head, hidden_dim=cfg.head_hidden_dim,
-                 bottleneck_dim=cfg.head_bottleneck_dim)
-    s_backbone, t_backbone = build_backbone(cfg, True), build_backbone(cfg, False)
-    student = MultiCropWrapper(s_backbone, DINOHead(s_backbone.embed_dim, cfg.out_dim,
-                                                    norm_last_layer=cfg.norm_last_layer, **heads))
-    teacher = MultiCropWrapper(t_backbone, DINOHead(t_backbone.embed_dim, cfg.out_dim, **heads))
+    student, teacher = build_network(cfg, True), build_network(cfg, False)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
