@@ -8,7 +8,6 @@ every `log_interval` steps (one all-reduce under FSDP).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
