@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -116,7 +117,10 @@ class DaliMultiCrop:
 
     def __init__(self, loader, return_params: bool = False):
         from .dali_pipeline import multicrop_pipeline
-        self.loader = loader
+        # weak: the loader owns this object; a loader <-> backend cycle would keep the DALI
+        # pipeline (and its threads) alive until a GC pass, possibly inside a forked process
+        self.loader = loader if isinstance(loader, weakref.ProxyType) else weakref.proxy(loader)
+        loader = self.loader
         self.return_params = return_params
         on_gpu = loader.device.type == "cuda"
         threads = max(1, loader.num_workers)

@@ -7,8 +7,10 @@ logged with its name; the loader counts them) or raises (on_error="fail").
 """
 from __future__ import annotations
 
+import gc
 import logging
 import random
+import sys
 
 import torch
 from PIL import Image
@@ -73,9 +75,19 @@ def collate(items):
     return crops, labels, skipped
 
 
+def _worker_init(_):
+    # A forked worker inherits the parent's uncollected garbage. If that holds a DALI
+    # pipeline, collecting it here runs its destructor, which waits forever on executor
+    # threads that do not exist in the child: keep the inherited objects out of GC.
+    gc.freeze()
+
+
 def make_dataloader(dataset: MultiCropDataset, keys: list, batch_size: int, drop_last: bool,
                     num_workers: int, pin_memory: bool):
+    if num_workers > 0 and "nvidia.dali" in sys.modules:
+        gc.collect()   # destroy garbage DALI pipelines here, before the fork (see _worker_init)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=keys, drop_last=drop_last, collate_fn=collate,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None)
