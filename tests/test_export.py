@@ -155,3 +155,28 @@ def test_clear_errors(fake_reference_checkpoint, tmp_path, monkeypatch, capsys):
                  "--output", str(tmp_path / "o.safetensors")]) == 2
     assert "pip install 'dino-fast[export]'" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_load_training_loop_checkpoint(tmp_path):
+    """A real dino-fast training checkpoint (2 steps of the training loop on
+    the demo data) loads as teacher and student, equal to the model helper's
+    own reference loader, and round-trips through safetensors."""
+    from dino_fast.eval.export import export_checkpoint
+    from dino_fast.model.checkpoint import load_reference_state_dict
+    from dino_fast.train.loop import train
+    from dino_fast.train.presets import resolve
+    cfg = resolve("demo", {"epochs": 1, "max_images": 64, "batch_size_per_gpu": 32, "knn_eval": False, "depth": 2,
+                           "local_crops_number": 2, "out_dim": 256, "precision": "fp32",
+                           "output_dir": str(tmp_path / "run")})
+    train(cfg)
+    ckpt = str(tmp_path / "run" / "checkpoint.pth")
+    x = torch.randn(2, 3, 28, 28)
+    for key in ("teacher", "student"):
+        ref = vit_tiny(patch_size=4, depth=2)
+        ref.load_state_dict(load_reference_state_dict(ckpt, key=key), strict=True)
+        got = dino_fast.load(ckpt, checkpoint_key=key)
+        with torch.no_grad():
+            assert torch.equal(got(x), ref.eval()(x))
+    export_checkpoint(ckpt, str(tmp_path / "t.safetensors"), "safetensors")
+    with torch.no_grad():
+        assert torch.equal(dino_fast.load(str(tmp_path / "t.safetensors"))(x), dino_fast.load(ckpt)(x))
