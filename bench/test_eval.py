@@ -97,7 +97,7 @@ def test_knn_search(benchmark, device, smoke, spec, dim):
     ref20 = time_ms(lambda: knn_classifier_reference(train_f, train_y, test_f, test_y, 20, T, c), 1, iters)
     rec = record(ms, spec, flops=2.0 * n * m * d, ref_ms=ref_ms,
                  peak_mem=peak_extra_memory(lambda: knn_evaluate(train_f, train_y, test_f, test_y, KS, T, c)),
-                 op="knn_search", variant=f"n{n}_m{m}_d{d}_c{c}", ks=list(KS), smoke=smoke,
+                 op="knn_search", variant=f"n{n}_m{m}_d{d}_c{c}", ks=list(KS), smoke=smoke, gemm_dtype="fp32",
                  ref_peak_mem_bytes=peak_extra_memory(
                      lambda: [knn_classifier_reference(train_f, train_y, test_f, test_y, k, T, c) for k in KS]),
                  k20_ms=ms20, k20_ref_ms=ref20, k20_speedup=ref20 / ms20,
