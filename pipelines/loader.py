@@ -99,10 +99,7 @@ class MultiCropLoader:
                             else num_workers)
         self.epoch = 0
         self.skipped: list[str] = []       # bad files skipped in the current / last epoch
-        n_rank = len(self._indices())
-        if n_rank < batch_size and drop_last:
-            raise ValueError(f"{self.source!r}: {n_rank} images on rank {rank} of {world_size} is fewer "
-                             f"than batch_size={batch_size} with drop_last; lower the batch size")
+        self._check_size()
         self.backend = choose_backend(backend, self.device, self.source.encoded)
         if reader == "native" and self.backend != "dali":
             log.info("MultiCropLoader: reader='native' applies to the DALI backend only; ignored")
@@ -116,7 +113,14 @@ class MultiCropLoader:
             from .sources import FileSource
             if reader == "native" and isinstance(self.source, FileSource):   # readers cannot skip
                 self.source, self.skipped_at_scan = scan_files(self.source, on_error, self.num_workers)
+                self._check_size()
             self._impl = DaliMultiCrop(self)
+
+    def _check_size(self) -> None:
+        n_rank = len(self._indices())
+        if n_rank < self.batch_size and self.drop_last:
+            raise ValueError(f"{self.source!r}: {n_rank} images on rank {self.rank} of {self.world_size} is "
+                             f"fewer than batch_size={self.batch_size} with drop_last; lower the batch size")
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for `epoch` (same permutation on every rank)."""
