@@ -21,8 +21,10 @@ def _entry(rank: int, world_size: int, port: int, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still has work in flight
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_distributed(fn, *args, world_size: int = 2) -> None:
