@@ -18,7 +18,7 @@ from dino_fast.train.step import StepState, train_step
 from tests._dist import run_distributed
 
 B = 8
-CFG = dict(depth=2, out_dim=96, head_hidden_dim=64, head_bottleneck_dim=32, global_size=16, local_size=8,
+CFG = dict(patch_size=4, depth=2, out_dim=96, head_hidden_dim=64, head_bottleneck_dim=32, global_size=16, local_size=8,
            local_crops_number=2, batch_size_per_gpu=B, epochs=2, warmup_epochs=0, lr=0.1, min_lr=0.02,
            optimizer="sgd", clip_grad=0.5, freeze_last_layer=0, drop_path_rate=0.0, momentum_teacher=0.9,
            device="cpu", knn_eval=False, output_dir="unused")

@@ -17,7 +17,7 @@ from dino_fast.train.presets import resolve
 from tests._dist import run_distributed
 
 # A tiny run: 2-block ViT-tiny/4 on 16 px global + 8 px local crops of 32 demo images.
-TINY = dict(depth=2, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, global_size=16, local_size=8,
+TINY = dict(patch_size=4, depth=2, out_dim=64, head_hidden_dim=64, head_bottleneck_dim=32, global_size=16, local_size=8,
             local_crops_number=2, batch_size_per_gpu=8, max_images=32, epochs=2, warmup_epochs=1,
             lr=0.005, log_interval=2, num_workers=0, knn_eval=False, drop_path_rate=0.0, saveckp_freq=1,
             momentum_teacher=0.9, device="cpu")
