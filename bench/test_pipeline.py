@@ -4,7 +4,8 @@ processes) for DINO's 2 x 224 + 10 x 96 crops, on the same JPEG set (real
 photographs from scikit-image, ImageNet-like ~500 px), same CPU cores.
 
 Both DALI front ends: reader="host" (Python reader, decisions drawn on the
-host) and reader="native" (fn.readers.file, decisions drawn in the graph).
+host) and reader="native" (fn.readers.file, decisions drawn in the graph), with
+the reference's random jitter order, and the host reader with the fixed order.
 GPU: DALI decodes with nvJPEG ("mixed") and augments on the device; the torch
 pipeline uses every CPU core in DataLoader workers; records merge into
 bench/results/pipeline_<device>.json. CPU (smoke): a few images, both
@@ -45,12 +46,13 @@ def _epoch(loader, device):
 
 
 @pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI not installed")
-@pytest.mark.parametrize("reader", ["host", "native"])
-def test_pipeline_dali_vs_torch(benchmark, device, smoke, spec, jpeg_folder, reader):
+@pytest.mark.parametrize("reader,order", [("host", "random"), ("native", "random"), ("host", "fixed")])
+def test_pipeline_dali_vs_torch(benchmark, device, smoke, spec, jpeg_folder, reader, order):
     c = SMOKE if smoke else GPU
     workers = os.cpu_count() or 2
     loaders = {b: MultiCropLoader(jpeg_folder, batch_size=c["batch"], backend=b, device=device,
-                                  num_workers=workers, reader=reader, **CROPS) for b in ("dali", "torch")}
+                                  num_workers=workers, reader=reader, jitter_order=order, **CROPS)
+               for b in ("dali", "torch")}
     for backend, loader in loaders.items():            # shapes, dtype, device of every crop
         crops, labels = next(iter(loader))
         assert [tuple(x.shape) for x in crops] == [(c["batch"], 3, 224, 224)] * 2 + [(c["batch"], 3, 96, 96)] * 10
@@ -62,12 +64,12 @@ def test_pipeline_dali_vs_torch(benchmark, device, smoke, spec, jpeg_folder, rea
     ms = time_ms(_epoch(loaders["dali"], device), warm, iters, device_type="cpu")   # wall clock
     ms_ref = time_ms(_epoch(loaders["torch"], device), warm, iters, device_type="cpu")
     img_per_s, ref_img_per_s = n / (ms * 1e-3), n / (ms_ref * 1e-3)
-    rec = record(ms / n, spec, ref_ms=ms_ref / n, op="pipeline", variant=f"dali_{reader}_vs_torch",
+    rec = record(ms / n, spec, ref_ms=ms_ref / n, op="pipeline", variant=f"dali_{reader}_{order}_vs_torch",
                  img_per_s=img_per_s, torch_img_per_s=ref_img_per_s, ratio=img_per_s / ref_img_per_s,
                  images=n, batch=c["batch"], crops="2x224+10x96", cpu_workers=workers, smoke=smoke)
     print(json.dumps(rec))
     benchmark.extra_info.update(rec)
     benchmark.pedantic(_epoch(loaders["dali"], device), rounds=1, iterations=1, warmup_rounds=0)
     if not smoke:
-        save_record("pipeline", f"dali_{reader}", rec)
+        save_record("pipeline", f"dali_{reader}_{order}", rec)
         assert img_per_s > ref_img_per_s, rec

@@ -25,7 +25,17 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 6, 7, 8, 9   # factors; HUE in degrees
 GRAY = 10                     # 1: grayscale
 SIGMA = 11                    # blur sigma, 0: not blurred
 SOLARIZE = 12                 # 1: solarize
-NPARAMS = 13
+HUE_POS = 13                  # jitter order, see HUE_ORDERS
+NPARAMS = 14
+
+# The reference applies brightness, contrast, saturation and hue in a uniformly random
+# order. Brightness commutes with the other three and contrast with saturation (up to
+# clamping), so the outcome depends only on where hue falls among contrast (c) and
+# saturation (s): HUE_POS 0 = h,c,s  1 = c,h,s  2 = s,h,c  3 = c,s,h (4 = no jitter).
+HUE_ORDERS = ("bhcs", "bchs", "bshc", "bcsh")
+HUE_POS_P = (1 / 3, 1 / 6, 1 / 6, 1 / 3)
+NO_JITTER = 4
+FIXED_POS = 1                 # jitter_order="fixed": brightness, contrast, hue, saturation
 
 
 def crop_boxes(rng: np.random.Generator, height: int, width: int, scales: np.ndarray,
@@ -78,6 +88,10 @@ def draw_params(rng: np.random.Generator, height: int, width: int, cfg: AugmentC
     factors[~jitter] = (1.0, 1.0, 1.0, 0.0)
     factors[:, 3] *= 360.0                                                    # hue in degrees
     out[:, [BRIGHTNESS, CONTRAST, SATURATION, HUE]] = factors
+    pos = np.searchsorted(np.cumsum(HUE_POS_P)[:-1], rng.random(n), side="right")
+    if cfg.jitter_order == "fixed":
+        pos[:] = FIXED_POS
+    out[:, HUE_POS] = np.where(jitter, pos, NO_JITTER)
     out[:, GRAY] = u[:, 2] < cfg.grayscale_p
     blur = u[:, 3] < np.asarray(cfg.blur_ps())
     s_lo, s_hi = cfg.blur_sigma

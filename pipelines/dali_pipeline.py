@@ -7,16 +7,19 @@ graph (fn.random_crop_generator, fn.random.*) -> decode ("mixed" = nvJPEG on
 the GPU, "cpu" on the host; EXIF orientation ignored, like the reference's PIL
 path) -> for every crop:
   resize of the crop box to S x S (cubic, antialiased)           # RandomResizedCrop
-  x * b ; c * x + (1 - c) * mean_gray(x)  (clamped to [0, 255])  # brightness, contrast
-  HSV hue rotation (arithmetic) ; hsv(saturation * (1 - gray))   # hue, saturation, grayscale
-  if sigma > 0: gaussian_blur(sigma)                              # conditional: only those samples
+  x * b                                                           # brightness
+  contrast (blend with mean luma), saturation (hsv), hue          # in the sample's order
+  (HSV rotation, arithmetic), each in a conditional
+  if gray: hsv(saturation=0)                                      # grayscale
+  if sigma > 0: gaussian_blur(sigma)                              # only those samples
   x + solarize * (x >= 128) * (255 - 2x)                          # solarization (global 2)
   crop_mirror_normalize(mirror=flip, mean*255, std*255) -> CHW fp32/fp16
-Jitter runs in one fixed order (brightness, contrast, hue, saturation) where the
-reference draws a random order of the four; brightness, contrast and
-saturation commute up to clamping, so this is one of the reference's orders
-up to rounding. Factors and probabilities are the reference's. Grayscale comes
-after the hue rotation, as in the reference (luma of the jittered crop).
+The reference draws a random order of the four jitter ops; brightness commutes
+with the others and contrast with saturation (up to clamping), so the outcome
+depends only on where hue falls: that position is drawn with the reference's
+probabilities (dali_params.HUE_ORDERS) and applied with conditionals
+(AugmentConfig.jitter_order="fixed": always contrast, hue, saturation, no
+conditionals, faster).
 
 This module must stay a real source file: DALI's conditionals
 (`enable_conditionals=True`) rewrite the function from its source code.
@@ -53,6 +56,44 @@ def _hue_shift(x, shift):
     return fn.reshape(fn.stack(*channels, axis=2), layout="HWC")    # stack drops the layout
 
 
+def _contrast(x, c):
+    """Blend with the mean luma of the crop (PIL ImageEnhance.Contrast)."""
+    channel_mean = fn.reductions.mean(x, axes=[0, 1])                   # (3,)
+    gray_mean = (channel_mean[0] * GRAY_WEIGHTS[0] + channel_mean[1] * GRAY_WEIGHTS[1]
+                 + channel_mean[2] * GRAY_WEIGHTS[2])
+    return dmath.clamp(x * c + gray_mean * (1.0 - c), 0.0, 255.0)
+
+
+def _jitter_after_brightness(x, row, to_dev):
+    """Contrast, saturation and hue in the per-sample order HUE_POS (dali_params): each
+    conditional runs its op only on the samples whose order puts it there."""
+    pos = row[P.HUE_POS]
+    shift = to_dev(row[P.HUE] * (1.0 / 360.0))
+    if pos == 0.0:                                                       # h, c, s
+        x = _hue_shift(x, shift)
+    else:
+        x = x
+    if pos == 2.0:                                                       # s, h, c
+        x = fn.hsv(x, saturation=row[P.SATURATION], dtype=types.FLOAT)
+        x = _hue_shift(x, shift)
+    else:
+        x = x
+    x = _contrast(x, to_dev(row[P.CONTRAST]))
+    if pos == 1.0:                                                       # c, h, s
+        x = _hue_shift(x, shift)
+    else:
+        x = x
+    if pos != 2.0:
+        x = fn.hsv(x, saturation=row[P.SATURATION], dtype=types.FLOAT)  # blend with luma
+    else:
+        x = x
+    if pos == 3.0:                                                       # c, s, h
+        x = _hue_shift(x, shift)
+    else:
+        x = x
+    return x
+
+
 def _augment_crop(image, params, k: int, size: int, cfg: AugmentConfig, on_gpu: bool, half: bool):
     row = params[k]                                                   # (NPARAMS,) on the host
     roi_start = fn.stack(row[P.Y0], row[P.X0])
@@ -61,15 +102,17 @@ def _augment_crop(image, params, k: int, size: int, cfg: AugmentConfig, on_gpu: 
                      interp_type=types.INTERP_CUBIC, antialias=True)   # (S, S, 3) uint8
     x = fn.cast(crop, dtype=types.FLOAT)
     to_dev = (lambda v: v.gpu()) if on_gpu else (lambda v: v)
-    b, c = to_dev(row[P.BRIGHTNESS]), to_dev(row[P.CONTRAST])
-    x = dmath.clamp(x * b, 0.0, 255.0)
-    channel_mean = fn.reductions.mean(x, axes=[0, 1])                   # (3,)
-    gray_mean = (channel_mean[0] * GRAY_WEIGHTS[0] + channel_mean[1] * GRAY_WEIGHTS[1]
-                 + channel_mean[2] * GRAY_WEIGHTS[2])
-    x = dmath.clamp(x * c + gray_mean * (1.0 - c), 0.0, 255.0)
-    x = _hue_shift(x, to_dev(row[P.HUE] * (1.0 / 360.0)))
-    saturation = row[P.SATURATION] * (1.0 - row[P.GRAY])             # grayscale = saturation 0
-    x = fn.hsv(x, saturation=saturation, dtype=types.FLOAT)          # blend with luma
+    x = dmath.clamp(x * to_dev(row[P.BRIGHTNESS]), 0.0, 255.0)
+    if cfg.jitter_order == "random":                                     # decided at graph build
+        x = _jitter_after_brightness(x, row, to_dev)
+        if row[P.GRAY] > 0.5:
+            x = fn.hsv(x, saturation=0.0, dtype=types.FLOAT)             # luma in all 3 channels
+        else:
+            x = x
+    else:   # fixed order c, h, s: no conditionals; grayscale folded into the saturation op
+        x = _contrast(x, to_dev(row[P.CONTRAST]))
+        x = _hue_shift(x, to_dev(row[P.HUE] * (1.0 / 360.0)))
+        x = fn.hsv(x, saturation=row[P.SATURATION] * (1.0 - row[P.GRAY]), dtype=types.FLOAT)
     sigma = row[P.SIGMA]
     if sigma > 0.0:
         x = fn.gaussian_blur(x, sigma=sigma)
@@ -106,11 +149,14 @@ def _graph_decisions(encoded, cfg: AugmentConfig):
         factors = [1.0 + jitter * (uniform(max(0.0, 1 - r), 1 + r) - 1.0)
                    for r in (cfg.brightness, cfg.contrast, cfg.saturation)]
         hue = jitter * uniform(-cfg.hue, cfg.hue) * 360.0
+        order = (flt(fn.random.choice(4, p=list(P.HUE_POS_P))) if cfg.jitter_order == "random"
+                 else float(P.FIXED_POS))
+        hue_pos = jitter * order + (1.0 - jitter) * float(P.NO_JITTER)
         sigma = coin(blur_p) * uniform(*cfg.blur_sigma)
         solarize = coin(cfg.solarize_p if k == 1 else 0.0)
         rows.append(fn.stack(anchor[0], anchor[1], anchor[0] + extent[0], anchor[1] + extent[1],
                              coin(cfg.flip_p), jitter, *factors, hue, coin(cfg.grayscale_p), sigma,
-                             solarize))
+                             solarize, hue_pos))
     return fn.stack(*rows)                                               # (ncrops, NPARAMS)
 
 

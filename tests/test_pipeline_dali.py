@@ -77,10 +77,12 @@ def _reference_with_params(image: Image.Image, row: np.ndarray, size: int) -> to
     if row[P.FLIP]:
         im = F.hflip(im)
     if row[P.JITTER]:
-        im = F.adjust_brightness(im, float(row[P.BRIGHTNESS]))
-        im = F.adjust_contrast(im, float(row[P.CONTRAST]))
-        im = F.adjust_hue(im, float(row[P.HUE]) / 360.0)       # the order DALI uses, one of
-        im = F.adjust_saturation(im, float(row[P.SATURATION]))  # the reference's random orders
+        ops = {"b": lambda i: F.adjust_brightness(i, float(row[P.BRIGHTNESS])),
+               "c": lambda i: F.adjust_contrast(i, float(row[P.CONTRAST])),
+               "s": lambda i: F.adjust_saturation(i, float(row[P.SATURATION])),
+               "h": lambda i: F.adjust_hue(i, float(row[P.HUE]) / 360.0)}
+        for op in P.HUE_ORDERS[int(row[P.HUE_POS])]:             # the sample's jitter order
+            im = ops[op](im)
     if row[P.GRAY]:
         im = F.rgb_to_grayscale(im, num_output_channels=3)
     if row[P.SIGMA] > 0:
@@ -90,11 +92,15 @@ def _reference_with_params(image: Image.Image, row: np.ndarray, size: int) -> to
     return F.to_tensor(im)
 
 
-def test_dali_pixels_match_reference_ops_given_same_decisions(tmp_path):
+@pytest.mark.parametrize("jitter_order", ["random", "fixed"])
+def test_dali_pixels_match_reference_ops_given_same_decisions(tmp_path, jitter_order):
     image = Image.fromarray(photo("astronaut")).resize((150, 110))
     image.save(tmp_path / "a.jpg", quality=95)
     decoded = Image.open(tmp_path / "a.jpg").convert("RGB")   # both sides start from the same pixels
-    loader, batches = dali_batches([str(tmp_path / "a.jpg")] * 24, 8, **SMALL)
+    loader, batches = dali_batches([str(tmp_path / "a.jpg")] * 24, 8, jitter_order=jitter_order, **SMALL)
+    positions = torch.cat([b[3] for b in batches])[..., P.HUE_POS]
+    expected_positions = {0, 1, 2, 3, 4} if jitter_order == "random" else {1, 4}
+    assert set(positions.int().unique().tolist()) == expected_positions
     errors, seen = [], {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "solarize": 0}
     for crops, _, _, params in batches:
         for k, crop in enumerate(crops):
@@ -230,3 +236,20 @@ def test_gpu_pipeline_matches_cpu_pipeline(tmp_path):
         for x, y in zip(cc, gc):
             err = (denorm(x, AugmentConfig()) - denorm(y.cpu(), AugmentConfig())).abs() * 255
             assert err.mean() < 2.0 and err.amax(dim=(1, 2, 3)).max() < 64, float(err.mean())
+
+
+def test_jitter_order_distribution_is_the_reference_permutation():
+    """Where hue falls among contrast and saturation, from the reference's uniform
+    permutation of 4 ops (torch.randperm draws) vs the host sampler's HUE_POS."""
+    g = torch.Generator().manual_seed(0)
+    ref = np.zeros(4)
+    for _ in range(6000):
+        order = [k for k in torch.randperm(4, generator=g).tolist() if k != 0]   # drop brightness
+        h, c, s = order.index(3), order.index(1), order.index(2)
+        ref[0 if h < min(c, s) else 3 if h > max(c, s) else 1 if c < s else 2] += 1
+    cfg = AugmentConfig(jitter_p=1.0)
+    rng = np.random.default_rng(0)
+    pos = np.concatenate([P.draw_params(rng, 100, 100, cfg)[:, P.HUE_POS] for _ in range(600)])
+    ours = np.bincount(pos.astype(int), minlength=4)[:4]
+    np.testing.assert_allclose(ours / ours.sum(), ref / ref.sum(), atol=0.03)
+    np.testing.assert_allclose(ref / ref.sum(), P.HUE_POS_P, atol=0.03)
