@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,6 +26,12 @@ def _entry(rank: int, world_size: int, port: int, fn, args):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Success: leave without the interpreter's teardown, where a still-joinable
+    # gloo/FSDP helper thread can abort the process ("terminate called without
+    # an active exception") after all the work is done and checked.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, *args, world_size: int = 2) -> None:
