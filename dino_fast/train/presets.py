@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     "demo": dict(arch="vit_tiny", patch_size=7, depth=4, out_dim=1024, head_hidden_dim=512,
                  head_bottleneck_dim=128, global_size=28, local_size=14, local_crops_number=4,
                  global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), batch_size_per_gpu=32,
-                 epochs=6, warmup_epochs=1, lr=0.005, min_lr=1e-5, momentum_teacher=0.98,
+                 epochs=10, warmup_epochs=1, lr=0.005, min_lr=1e-5, momentum_teacher=0.98,
                  drop_path_rate=0.0, freeze_last_layer=1, saveckp_freq=0, num_workers=2, log_interval=10,
                  data_path="demo", output_dir="dino_demo", precision="bf16"),
 }
