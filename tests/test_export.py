@@ -166,6 +166,7 @@ def test_load_training_loop_checkpoint(tmp_path):
     from dino_fast.train.loop import train
     from dino_fast.train.presets import resolve
     cfg = resolve("demo", {"epochs": 1, "max_images": 64, "batch_size_per_gpu": 32, "knn_eval": False, "depth": 2,
+                           "patch_size": 4,
                            "local_crops_number": 2, "out_dim": 256, "precision": "fp32",
                            "output_dir": str(tmp_path / "run")})
     train(cfg)
