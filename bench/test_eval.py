@@ -21,36 +21,21 @@ On a GPU each record goes to bench/results/eval_<device>.json.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dino_fast.bench_baseline import save_record
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
 from dino_fast.eval.features import extract_features
 from dino_fast.eval.knn import knn_classifier_reference, knn_evaluate, knn_predict
 from tests.test_knn import brute_force_accuracy, brute_force_ranks
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 KS = (10, 20, 100, 200)
 T = 0.07
 
 
-def _save(rec: dict) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"eval_{rec['device']}.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data[f"{rec['op']}/{rec['variant']}"] = rec
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _clustered(n: int, d: int, c: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +92,7 @@ def test_knn_search(benchmark, device, smoke, spec, dim):
     benchmark.pedantic(lambda: knn_evaluate(train_f, train_y, test_f, test_y, KS, T, c),
                        rounds=1, iterations=1, warmup_rounds=0)
     if not smoke:
-        _save(rec)
+        save_record("eval", f"{rec['op']}/{rec['variant']}", rec)
 
 
 EXTRACT_CASES = [("vit_small", 16), ("vit_base", 16), ("vit_base", 8)]
@@ -153,4 +138,4 @@ def test_feature_extraction(benchmark, device, smoke, spec, arch, patch):
     benchmark.extra_info.update(rec)
     benchmark.pedantic(lambda: extract_features(fast, batches, device), rounds=1, iterations=1, warmup_rounds=0)
     if not smoke:
-        _save(rec)
+        save_record("eval", f"{rec['op']}/{rec['variant']}", rec)

@@ -15,13 +15,11 @@ tiny crops runs and the first-step losses of both steps must agree.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import tempfile
 
 import pytest
 import torch
 
+from dino_fast.bench_baseline import save_record
 from dino_fast.benchmark import record, time_ms
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 from dino_fast.kernels.ema import ema_update_reference_
@@ -31,7 +29,6 @@ from dino_fast.train.optim import build_optimizer, build_schedules, get_params_g
 from dino_fast.train.presets import resolve
 from dino_fast.train.step import StepState, train_step
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 CASES = {  # name: (config overrides, batch per GPU)
     "vit_s16": (dict(arch="vit_small", patch_size=16), 64),
     "vit_b8": (dict(arch="vit_base", patch_size=8), 32),
@@ -40,19 +37,6 @@ SMOKE = dict(arch="vit_tiny", patch_size=4, depth=2, out_dim=256, head_hidden_di
              global_size=16, local_size=8, local_crops_number=4)
 
 
-def _save(rec: dict) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"train_step_{rec['device']}.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = {}
-    data[rec["variant"]] = rec
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _reference_clip(model, clip):
@@ -133,5 +117,5 @@ def test_train_step(benchmark, device, smoke, spec, case):
                  crops=f"2x{cfg.global_size}+{cfg.local_crops_number}x{cfg.local_size}")
     benchmark.extra_info.update(rec)
     if not smoke:
-        _save(rec)
+        save_record("train_step", rec["variant"], rec)
     benchmark.pedantic(lambda: train_step(fast, crops, 2, 1), rounds=1, iterations=1)
