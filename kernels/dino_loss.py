@@ -656,9 +656,15 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
                                                            warmup_teacher_temp_epochs, nepochs)
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.last_teacher_sum: torch.Tensor | None = None
         self._logged_impl: str | None = None
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int, *,
+                update_center: bool = True) -> torch.Tensor:
+        """The reference's forward. `update_center=False` (gradient accumulation)
+        skips the center update and its all-reduce and leaves the teacher column
+        sum in `last_teacher_sum` (fp32 (1, K), this rank only); the caller adds
+        the micro-batches' sums and calls `update_center_from_sum` once per step."""
         temp = float(self.teacher_temp_schedule[epoch])
         loss, stats, colsum, impl = _dino_loss(student_output, teacher_output, self.center, self.ncrops, temp,
                                                self.student_temp, self.n_teacher_views, self.impl,
@@ -668,16 +674,21 @@ class DINOLoss(nn.Module):
             self._logged_impl = impl
         if self.compute_stats:
             self.last_stats = dict(zip(STAT_NAMES, stats.unbind(0)))
-        self._update_center_from_sum(colsum, len(teacher_output))
+        if update_center:
+            self.update_center_from_sum(colsum, len(teacher_output))
+        else:
+            self.last_teacher_sum = colsum
         return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """The reference's update from teacher logits (forward already does it)."""
-        self._update_center_from_sum(teacher_output.float().sum(0, keepdim=True), len(teacher_output))
+        self.update_center_from_sum(teacher_output.float().sum(0, keepdim=True), len(teacher_output))
 
     @torch.no_grad()
-    def _update_center_from_sum(self, colsum: torch.Tensor, n_rows: int) -> None:
+    def update_center_from_sum(self, colsum: torch.Tensor, n_rows: int) -> None:
+        """c <- m c + (1-m) all_reduce(colsum) / (n_rows * world_size): `colsum` is
+        this rank's (1, K) sum of teacher logits over `n_rows` rows."""
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(colsum)

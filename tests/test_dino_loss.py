@@ -127,6 +127,28 @@ def test_center_update_over_steps(impl):
     assert fused.center.abs().sum() > 0 and fused.center.shape == (1, K)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deferred_center_update_for_accumulation(impl):
+    """update_center=False keeps the centre, exposes this step's teacher column
+    sum; summing two micro-batches' sums and updating once equals the
+    reference's update on the whole batch."""
+    B, K, ncrops = 3, 300, 4
+    fused, ref = _pair(K, ncrops, impl)
+    s, t, _ = _logits(ncrops, 2 * B, K, seed=5)
+    halves = [(torch.cat([v[j * B:(j + 1) * B] for v in s.chunk(ncrops)]),
+               torch.cat([v[j * B:(j + 1) * B] for v in t.chunk(2)])) for j in range(2)]
+    before = fused.center.clone()
+    total = None
+    for s_j, t_j in halves:
+        fused(s_j, t_j, 0, update_center=False)
+        torch.testing.assert_close(fused.center, before, rtol=0, atol=0)
+        torch.testing.assert_close(fused.last_teacher_sum, t_j.sum(0, keepdim=True), rtol=1e-5, atol=1e-4)
+        total = fused.last_teacher_sum if total is None else total + fused.last_teacher_sum
+    fused.update_center_from_sum(total, 2 * 2 * B)
+    ref.update_center(t.double())
+    torch.testing.assert_close(fused.center.double(), ref.center, rtol=1e-6, atol=1e-6)
+
+
 def test_teacher_temp_schedule_formula():
     fused = DINOLoss(10, 2, 0.04, 0.07, 30, 100)
     sched = fused.teacher_temp_schedule

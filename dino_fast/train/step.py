@@ -52,12 +52,6 @@ def split_micro_batches(crops: list[torch.Tensor], n: int) -> list[list[torch.Te
     return [[c[j * m:(j + 1) * m] for c in crops] for j in range(n)]
 
 
-def _crop_major(teacher_outs: list[torch.Tensor]) -> torch.Tensor:
-    """Micro-batch teacher outputs [(2*b, K)] -> (2*B, K) in the single-batch row order."""
-    halves = [o.chunk(2) for o in teacher_outs]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-
-
 def train_step(st: StepState, crops: list[torch.Tensor], it: int, epoch: int) -> torch.Tensor:
     """One optimizer step at global iteration `it`; returns the mean loss (0-dim, device)."""
     cfg, loss_fn = st.cfg, st.dino_loss
@@ -66,9 +60,7 @@ def train_step(st: StepState, crops: list[torch.Tensor], it: int, epoch: int) ->
     st.optimizer.zero_grad(set_to_none=True)
 
     # ---- forward → loss → backward, per micro-batch ----
-    if n > 1:
-        center0 = loss_fn.center.detach().clone()
-        teacher_outs = []
+    teacher_sum = None
     loss_sum = None
     for j, micro in enumerate(split_micro_batches(crops, n)):
         if st.use_fsdp:
@@ -77,19 +69,15 @@ def train_step(st: StepState, crops: list[torch.Tensor], it: int, epoch: int) ->
             with torch.no_grad():
                 teacher_out = st.teacher(micro[:2])        # (2*b, K): the 2 global crops only
             student_out = st.student(micro)                # (ncrops*b, K): all crops
-            if n > 1:
-                with torch.no_grad():
-                    loss_fn.center.copy_(center0)          # every micro-batch uses the step's centre
-            loss = loss_fn(student_out, teacher_out, epoch)
+            # every micro-batch uses the step's centre; it is updated once below
+            loss = loss_fn(student_out, teacher_out, epoch, update_center=n == 1)
         scaled = loss / n if n > 1 else loss
         (st.scaler.scale(scaled) if st.scaler is not None else scaled).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if n > 1:
-            teacher_outs.append(teacher_out.detach())
-    if n > 1:  # one centre update from the teacher outputs of all micro-batches
-        with torch.no_grad():
-            loss_fn.center.copy_(center0)
-            loss_fn.update_center(_crop_major(teacher_outs))
+            teacher_sum = loss_fn.last_teacher_sum if teacher_sum is None else teacher_sum + loss_fn.last_teacher_sum
+    if n > 1:  # one centre update (one all-reduce) from the teacher outputs of all micro-batches
+        loss_fn.update_center_from_sum(teacher_sum, loss_fn.n_teacher_views * crops[0].shape[0])
 
     # ---- step: (unscale) → per-tensor clip → freeze last layer → optimizer ----
     if st.scaler is not None:
