@@ -19,7 +19,7 @@ import torch
 import dino_fast.model as dm
 import tests.reference_vit as ref
 from dino_fast.bench_baseline import save_record
-from dino_fast.benchmark import peak_extra_memory, record, time_ms
+from dino_fast.benchmark import bench_autocast, fwd_bwd_step, peak_extra_memory, record, time_ms
 from dino_fast.model.attention import has_varlen, has_xformers
 from dino_fast.model.flops import multicrop_fwd_bwd_flops
 
@@ -60,18 +60,6 @@ def build(cfg, device, backend, packed=True, reference=False):
     return w.to(device).train()
 
 
-def step_fn(model, crops, device):
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-
-    def step():
-        with autocast:
-            out = model(crops)  # (ncrops*B, out_dim)
-        out.float().square().mean().backward()
-        return out
-    return step
-
-
 def _cases(smoke):
     if smoke:
         return [("sdpa", False)]
@@ -92,22 +80,21 @@ def test_model_multicrop(benchmark, device, smoke, spec, case):
     per_group.load_state_dict(packed.state_dict())
 
     # correctness: packed == per-group (fp32 tight on the CPU; bf16 on the GPU)
-    with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                           else torch.autocast("cpu", enabled=False)):
+    with torch.no_grad(), bench_autocast(device):
         a, b = packed(crops).float(), per_group(crops).float()
     tol = 1e-5 if device.type == "cpu" else 3e-2
     assert (a - b).abs().max() <= tol * b.abs().max(), (backend, (a - b).abs().max().item())
 
     run_packed = torch.compile(packed) if compiled else packed
     iters, warm = (2, 1) if smoke else (10, 3 if not compiled else 5)
-    ms = time_ms(step_fn(run_packed, crops, device), warm, iters)
-    ms_group = time_ms(step_fn(per_group, crops, device), warm, iters)
+    ms = time_ms(fwd_bwd_step(run_packed, crops, device), warm, iters)
+    ms_group = time_ms(fwd_bwd_step(per_group, crops, device), warm, iters)
     ms_ref = None
     if backend == "sdpa" and not compiled:  # the reference model once per device
         reference = build(cfg, device, backend, reference=True)
-        ms_ref = time_ms(step_fn(reference, crops, device), 1 if smoke else 2, 2 if smoke else 5)
+        ms_ref = time_ms(fwd_bwd_step(reference, crops, device), 1 if smoke else 2, 2 if smoke else 5)
         del reference
-    mem = peak_extra_memory(step_fn(run_packed, crops, device))
+    mem = peak_extra_memory(fwd_bwd_step(run_packed, crops, device))
     flops = multicrop_fwd_bwd_flops(packed.backbone, sizes, cfg["batch"], head=packed.head)
     b = cfg["batch"]
     rec = record(ms, spec, flops=flops, ref_ms=ms_group, peak_mem=mem, op="model_multicrop",
@@ -119,7 +106,7 @@ def test_model_multicrop(benchmark, device, smoke, spec, case):
     rec["goals"] = {"mfu>=0.5": rec["mfu"] >= 0.5, "packed_faster_than_per_group": ms < ms_group}
     print(json.dumps(rec))
     benchmark.extra_info.update(rec)
-    benchmark.pedantic(step_fn(run_packed, crops, device), rounds=1 if smoke else 5, iterations=1,
+    benchmark.pedantic(fwd_bwd_step(run_packed, crops, device), rounds=1 if smoke else 5, iterations=1,
                        warmup_rounds=0 if smoke else 1)
     if not smoke:
         save_record("model", rec["variant"], rec)

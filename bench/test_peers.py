@@ -11,6 +11,7 @@ The record's `speedup` is peer ms / dino-fast ms.
 import pytest
 import torch
 
+from dino_fast.benchmark import fwd_bwd_step
 from dino_fast.kernels.dino_loss import DINOLoss
 
 
@@ -54,17 +55,8 @@ def test_peer_timm_vit(bench_case, device, smoke):
     peer = to_timm(ours, img_size=size).to(device)
     assert getattr(peer.blocks[0].attn, "fused_attn", True), "timm's fused attention is off"
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-           else torch.autocast("cpu", enabled=False))
-
     def step(model):
-        def run():
-            model.zero_grad(set_to_none=True)
-            with amp:
-                out = model(x)                  # (B, D) CLS features
-            out.float().square().mean().backward()
-            return out.detach().float()
-        return run
+        return fwd_bwd_step(model, x, device)    # (B, D) CLS features
     tol = 1e-4 if device.type == "cpu" else 3e-2
 
     def check(out, ref):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dino_fast.bench_baseline import save_record
-from dino_fast.benchmark import record, time_ms
+from dino_fast.benchmark import bench_autocast, record, time_ms
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 from dino_fast.kernels.ema import ema_update_reference_
 from dino_fast.model.flops import dino_step_flops_per_image
@@ -72,8 +72,7 @@ def _states(cfg, device):
     student, teacher = build_pair(cfg)
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     ref_student.packed = ref_teacher.packed = False                 # per-group forward
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    autocast = lambda: bench_autocast(device)  # noqa: E731
     states = []
     for s, t, loss in ((student, teacher, build_loss(cfg, device)),
                        (ref_student, ref_teacher, DINOLossReference(

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from dino_fast.benchmark import Case
+from dino_fast.benchmark import Case, fwd_bwd_step
 
 
 def _close(rtol: float, atol: float = 0.0) -> Callable:
@@ -97,17 +97,9 @@ def model(device: torch.device, smoke: bool) -> Case:
     per_group.load_state_dict(packed.state_dict())
     g = torch.Generator().manual_seed(0)
     crops = [torch.randn(cfg["batch"], 3, s, s, generator=g).to(device) for s in cfg["sizes"]]
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-           else torch.autocast("cpu", enabled=False))
-
     def step(m):
-        def run():
-            m.zero_grad(set_to_none=True)
-            with amp:
-                out = m(crops)                      # (ncrops*B, out_dim)
-            out.float().square().mean().backward()
-            return (out.detach(),)
-        return run
+        run = fwd_bwd_step(m, crops, device)          # (ncrops*B, out_dim) output
+        return lambda: (run(),)
     flops = multicrop_fwd_bwd_flops(packed.backbone, cfg["sizes"], cfg["batch"], head=packed.head)
     tol = 1e-4 if device.type == "cpu" else 3e-2
     return Case("model_fwd_bwd", step(packed), step(per_group), _close(tol, tol), flops=flops,

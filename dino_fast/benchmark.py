@@ -115,6 +115,25 @@ def peak_extra_memory(fn: Callable[[], object]) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+def bench_autocast(device: torch.device):
+    """The benches' precision: bf16 autocast on a GPU, plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def fwd_bwd_step(model: torch.nn.Module, inputs, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A timed forward+backward of `model(inputs)` under `bench_autocast`
+    (loss = mean square of the output); returns the detached fp32 output."""
+    def run() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with bench_autocast(device):
+            out = model(inputs)
+        out.float().square().mean().backward()
+        return out.detach().float()
+    return run
+
+
 def achieved_gbps(nbytes: float, ms: float) -> float:
     """GB/s (1e9 bytes) of moving `nbytes` in `ms` milliseconds."""
     return nbytes / (ms * 1e-3) / 1e9
