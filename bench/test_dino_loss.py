@@ -18,7 +18,7 @@ import torch
 from dino_fast.bench_baseline import save_record
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
 from dino_fast.kernels import dino_loss as dl
-from dino_fast.kernels.dino_loss import DINOLoss
+from dino_fast.losses.dino_loss import DINOLoss
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dino_fast.benchmark import fwd_bwd_step
-from dino_fast.kernels.dino_loss import DINOLoss
+from dino_fast.losses.dino_loss import DINOLoss
 
 
 def test_peer_lightly_dino_loss(bench_case, device, smoke):

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "DINOLoss": "dino_fast.kernels.dino_loss",
+    "DINOLoss": "dino_fast.losses.dino_loss",
     "dino_loss": "dino_fast.kernels.dino_loss",
     "ema_update_": "dino_fast.kernels.ema",
     "MomentumSchedule": "dino_fast.schedules",

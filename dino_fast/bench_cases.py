@@ -30,7 +30,7 @@ def _close(rtol: float, atol: float = 0.0) -> Callable:
 
 # --------------------------------------------------------------------------- fused DINO loss
 def dino_loss(device: torch.device, smoke: bool) -> Case:
-    from dino_fast.kernels.dino_loss import DINOLoss
+    from dino_fast.losses.dino_loss import DINOLoss
     from dino_fast.kernels.dino_loss_reference import DINOLossReference
     B, K, ncrops = (2, 257, 4) if smoke else (64, 65536, 12)
     dtype = torch.float32

@@ -1,4 +1,7 @@
-"""Fused DINO loss: a drop-in for the reference `DINOLoss` (facebookresearch/dino).
+"""Fused DINO loss (facebookresearch/dino's `DINOLoss` objective): Triton kernels,
+their launchers, a torch twin of the same algebra, the autograd Function and the
+functional `dino_loss(...)`. The training-side module (teacher-temperature
+schedule, centre EMA and all-reduce) is `dino_fast.losses.dino_loss.DINOLoss`.
 
 Math
 ----
@@ -46,8 +49,8 @@ Total for forward + backward: student read twice, gradient written once,
 teacher read three times (kernels 1, 3, 5; the center is L2-resident), the
 tiny fp32 partials aside. The student part is the floor for a loss whose
 gradient needs the full-row lse; at B=64, K=65536, V=12, T=2 in fp32 that is
-3 * 201 MB + 3 * 34 MB = 0.70 GB (bf16: half) against the 0.64 GB of the
-bench's model (student twice + gradient + teacher once).
+3 * 201 MB + 3 * 34 MB = 0.70 GB (bf16: half); the bench counts exactly these
+bytes (floor "student 2R+1W, teacher 3R").
 
 Why the gradient is written in the backward: writing it in the forward
 (Liger-style) costs the same two reads + one write there, but the backward
@@ -66,17 +69,17 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 import triton
 import triton.language as tl
 
 from dino_fast.kernels.spec import KernelSpec
-from dino_fast.schedules import teacher_temp_schedule
 
 logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "triton", "torch")
+# The health statistics `_loss_kernel` writes to stats[0..4] (and the torch twin stacks),
+# in this order: the one list of their names, used by every module that reads them.
+STAT_NAMES = ("teacher_entropy", "student_entropy", "kl", "teacher_max_prob", "center_norm")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -432,36 +435,39 @@ def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, studen
     colpart = torch.empty((plan["groups"], K), **f32)
     cfg = _TEACHER_CFG
     _teacher_stats_kernel[plan["grid_t"]](
-        teacher, center, part_t, colpart, rows_t, K, plan["chunk_t"], plan["nch_t"], inv_tt,
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        t_ptr=teacher, c_ptr=center, part_ptr=part_t, colpart_ptr=colpart, n_rows=rows_t, K=K,
+        chunk=plan["chunk_t"], n_chunks=plan["nch_t"], inv_tt=inv_tt, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     lse_t = torch.empty(rows_t, **f32)
     tsum = torch.empty((plan["n_tf"], 4), **f32)
     colsum = torch.empty((1, K), **f32)
     cfg = _TEACHER_FINISH_CFG
     _teacher_finish_kernel[(plan["n_tf"],)](
-        part_t, colpart, center, lse_t, tsum, colsum, B, ncrops, rows_t, plan["nch_t"], plan["groups"], K,
+        part_ptr=part_t, colpart_ptr=colpart, c_ptr=center, lse_ptr=lse_t, tsum_ptr=tsum, colsum_ptr=colsum,
+        B=B, ncrops=ncrops, n_rows=rows_t, n_chunks=plan["nch_t"], n_groups=plan["groups"], K=K,
         BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"], BLOCK_C=cfg["BLOCK_C"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     part_s = torch.empty((4, VB, plan["nch_s"]), **f32)
     cfg = plan["cfg_s"]
     _student_fwd_kernel[plan["grid_s"]](
-        student, teacher, center, lse_t, part_s, B, K, ncrops, n_tv, plan["chunk_s"], plan["nch_s"],
-        inv_ts, inv_tt, BLOCK_T=cfg["BLOCK_T"], BLOCK_L=cfg["BLOCK_L"], BLOCK_K=cfg["BLOCK_K"],
+        s_ptr=student, t_ptr=teacher, c_ptr=center, lse_t_ptr=lse_t, part_ptr=part_s, B=B, K=K, ncrops=ncrops,
+        n_tv=n_tv, chunk=plan["chunk_s"], n_chunks=plan["nch_s"], inv_ts=inv_ts, inv_tt=inv_tt, BLOCK_T=cfg["BLOCK_T"], BLOCK_L=cfg["BLOCK_L"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     lse_s = torch.empty(VB, **f32)
     ssum = torch.empty((plan["n_sf"], 2), **f32)
     cfg = _STUDENT_FINISH_CFG
     _student_finish_kernel[(plan["n_sf"],)](
-        part_s, lse_s, ssum, B, VB, n_tv, plan["nch_s"], BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"],
+        part_ptr=part_s, lse_s_ptr=lse_s, ssum_ptr=ssum, B=B, n_rows=VB, n_tv=n_tv, n_chunks=plan["nch_s"],
+        BLOCK_RF=cfg["BLOCK_RF"], BLOCK_CH=cfg["BLOCK_CH"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     loss = torch.empty((), **f32)
     stats = torch.empty(5, **f32)
     cfg = _LOSS_CFG
-    _loss_kernel[(1,)](tsum, ssum, loss, stats, plan["n_tf"], plan["n_sf"], rows_t, VB, _n_pairs(ncrops, n_tv), B,
+    _loss_kernel[(1,)](tsum_ptr=tsum, ssum_ptr=ssum, loss_ptr=loss, stats_ptr=stats, n_t=plan["n_tf"],
+                       n_s=plan["n_sf"], n_trows=rows_t, n_srows=VB, n_pairs=_n_pairs(ncrops, n_tv), B=B,
                        BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return loss, stats, colsum, lse_t, lse_s
 
@@ -475,10 +481,10 @@ def _triton_grad(student, teacher, center, lse_t, lse_s, grad_output, ncrops, n_
     coef = 1.0 / (_n_pairs(ncrops, n_tv) * B * student_temp)
     cfg = plan["cfg_s"]
     _student_grad_kernel[plan["grid_s"]](
-        student, teacher, center, lse_t, lse_s, grad, grad_output, coef, B, K, ncrops, n_tv, plan["chunk_s"],
-        1.0 / student_temp, 1.0 / teacher_temp, BLOCK_T=cfg["BLOCK_T"], BLOCK_L=cfg["BLOCK_L"],
-        BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        s_ptr=student, t_ptr=teacher, c_ptr=center, lse_t_ptr=lse_t, lse_s_ptr=lse_s, grad_ptr=grad,
+        go_ptr=grad_output, coef=coef, B=B, K=K, ncrops=ncrops, n_tv=n_tv, chunk=plan["chunk_s"],
+        inv_ts=1.0 / student_temp, inv_tt=1.0 / teacher_temp, BLOCK_T=cfg["BLOCK_T"], BLOCK_L=cfg["BLOCK_L"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return grad
 
 
@@ -560,7 +566,9 @@ class _DINOLossFunction(torch.autograd.Function):
         return (grad,) + (None,) * 9
 
 
-def _resolve_impl(impl: str, tensor: torch.Tensor, ncrops: int, n_tv: int) -> str:
+def resolve_impl(impl: str, tensor: torch.Tensor, ncrops: int, n_tv: int) -> str:
+    """The implementation `impl` ("auto", "triton", "torch") runs for logits like `tensor`:
+    auto is Triton on CUDA tensors when the view counts fit its tiles, else torch."""
     if impl not in IMPLS:
         raise ValueError(f"dino_loss: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -596,19 +604,6 @@ def _check(student, teacher, center, ncrops, n_tv):
                          f"center ({center.device}) must be on the same device")
 
 
-def _dino_loss(student, teacher, center, ncrops, teacher_temp, student_temp, n_tv, impl, grad_in_forward):
-    _check(student, teacher, center, ncrops, n_tv)
-    impl = _resolve_impl(impl, student, ncrops, n_tv)
-    need_grad = student.requires_grad and torch.is_grad_enabled()
-    loss, stats, colsum = _DINOLossFunction.apply(
-        student.contiguous(), teacher.detach().contiguous(), center.detach().float().contiguous().view(-1),
-        ncrops, n_tv, float(teacher_temp), float(student_temp), impl, need_grad, grad_in_forward)
-    return loss, stats, colsum, impl
-
-
-STAT_NAMES = ("teacher_entropy", "student_entropy", "kl", "teacher_max_prob", "center_norm")
-
-
 def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor, ncrops: int,
               teacher_temp: float, student_temp: float = 0.1, n_teacher_views: int = 2, impl: str = "auto",
               grad_in_forward: bool = False, return_stats: bool = False):
@@ -619,84 +614,18 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
     scalar loss (differentiable w.r.t. student_logits) and the fp32 (1, K) sum of
     the teacher logits over its rows, for the center update
     `c <- m c + (1-m) all_reduce(sum) / (rows * world_size)`. With
-    return_stats=True a third item: dict of 0-dim health statistics.
+    return_stats=True a third item: dict of 0-dim health statistics (keys STAT_NAMES).
     """
-    loss, stats, colsum, _ = _dino_loss(student_logits, teacher_logits, center, ncrops, teacher_temp,
-                                        student_temp, n_teacher_views, impl, grad_in_forward)
+    _check(student_logits, teacher_logits, center, ncrops, n_teacher_views)
+    impl = resolve_impl(impl, student_logits, ncrops, n_teacher_views)
+    need_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    loss, stats, colsum = _DINOLossFunction.apply(
+        student_logits.contiguous(), teacher_logits.detach().contiguous(),
+        center.detach().float().contiguous().view(-1), ncrops, n_teacher_views, float(teacher_temp),
+        float(student_temp), impl, need_grad, grad_in_forward)
     if return_stats:
         return loss, colsum, dict(zip(STAT_NAMES, stats.unbind(0)))
     return loss, colsum
-
-
-# --------------------------------------------------------------------------- module
-class DINOLoss(nn.Module):
-    """Drop-in for the reference `DINOLoss` (same constructor, forward and
-    state dict), fused. Extra arguments: impl ("auto" = triton on CUDA
-    tensors, else torch), n_teacher_views (default 2), compute_stats (fill
-    `last_stats`), grad_in_forward (Liger-style gradient buffer)."""
-
-    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
-                 warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, impl: str = "auto", n_teacher_views: int = 2,
-                 compute_stats: bool = True, grad_in_forward: bool = False):
-        super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"DINOLoss: impl must be one of {IMPLS}, got {impl!r}")
-        if warmup_teacher_temp_epochs > nepochs:
-            raise ValueError(f"DINOLoss: warmup_teacher_temp_epochs={warmup_teacher_temp_epochs} exceeds "
-                             f"nepochs={nepochs}")
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.n_teacher_views = n_teacher_views
-        self.impl = impl
-        self.compute_stats = compute_stats
-        self.grad_in_forward = grad_in_forward
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
-                                                           warmup_teacher_temp_epochs, nepochs)
-        self.last_stats: dict[str, torch.Tensor] = {}
-        self.last_teacher_sum: torch.Tensor | None = None
-        self._logged_impl: str | None = None
-
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int, *,
-                update_center: bool = True) -> torch.Tensor:
-        """The reference's forward. `update_center=False` (gradient accumulation)
-        skips the center update and its all-reduce and leaves the teacher column
-        sum in `last_teacher_sum` (fp32 (1, K), this rank only); the caller adds
-        the micro-batches' sums and calls `update_center_from_sum` once per step."""
-        temp = float(self.teacher_temp_schedule[epoch])
-        loss, stats, colsum, impl = _dino_loss(student_output, teacher_output, self.center, self.ncrops, temp,
-                                               self.student_temp, self.n_teacher_views, self.impl,
-                                               self.grad_in_forward)
-        if impl != self._logged_impl:
-            logger.info("DINOLoss: impl=%s (requested %s)", impl, self.impl)
-            self._logged_impl = impl
-        if self.compute_stats:
-            self.last_stats = dict(zip(STAT_NAMES, stats.unbind(0)))
-        if update_center:
-            self.update_center_from_sum(colsum, len(teacher_output))
-        else:
-            self.last_teacher_sum = colsum
-        return loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """The reference's update from teacher logits (forward already does it)."""
-        self.update_center_from_sum(teacher_output.float().sum(0, keepdim=True), len(teacher_output))
-
-    @torch.no_grad()
-    def update_center_from_sum(self, colsum: torch.Tensor, n_rows: int) -> None:
-        """c <- m c + (1-m) all_reduce(colsum) / (n_rows * world_size): `colsum` is
-        this rank's (1, K) sum of teacher logits over `n_rows` rows."""
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(colsum)
-            world_size = dist.get_world_size()
-        batch_center = colsum / (n_rows * world_size)
-        # a new tensor, as the reference: the backward still reads the old one
-        self.center = (self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-                       ).to(self.center.dtype)
 
 
 # --------------------------------------------------------------------------- compile specs
@@ -764,4 +693,4 @@ def compile_specs() -> list[KernelSpec]:
     return specs
 
 
-__all__ = ["DINOLoss", "dino_loss", "compile_specs", "STAT_NAMES"]
+__all__ = ["dino_loss", "resolve_impl", "compile_specs", "STAT_NAMES", "IMPLS"]

@@ -3,7 +3,9 @@ facebookresearch/dino (main_dino.py), plus the health statistics computed
 from materialised probabilities.
 
 This is what the tests and the benches compare the fused loss
-(`dino_fast.kernels.dino_loss`) against; it is never used by the fused path.
+(`dino_fast.kernels.dino_loss`, `dino_fast.losses.dino_loss.DINOLoss`) against;
+it is never used by the fused path (it imports only the names of the
+statistics from it).
 Differences to the original, both needed to make it a reference for more
 than one setting and neither changing its numbers:
 - the number of teacher views is an argument (the original hard-codes 2);
@@ -17,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dino_fast.kernels.dino_loss import STAT_NAMES
 
 
 class DINOLossReference(nn.Module):
@@ -97,10 +101,6 @@ def dino_health_stats_reference(student_output: torch.Tensor, teacher_output: to
             if v == i:
                 continue
             kls.append((qs[i] * (log_qs[i] - log_ps[v])).sum(-1).mean())
-    return {
-        "teacher_entropy": teacher_entropy,
-        "student_entropy": student_entropy,
-        "kl": torch.stack(kls).mean(),
-        "teacher_max_prob": q.max(-1).values.mean(),
-        "center_norm": center.double().norm(),
-    }
+    # keyed by STAT_NAMES, in its order
+    return dict(zip(STAT_NAMES, (teacher_entropy, student_entropy, torch.stack(kls).mean(),
+                                 q.max(-1).values.mean(), center.double().norm())))

@@ -43,7 +43,7 @@ Not built: a fused AdamW + EMA step. Per fp32 parameter AdamW moves 28 B
 (read p, g, m, v; write p, m, v) and the EMA 12 B; fusing them saves only the
 student re-read, 4 B of 40 B: 0.44 GB = 10 % of the optimizer + EMA traffic,
 ≈ 0.13 ms per step on an H100 for ViT-B/8 + head, against a training step of
-≈ 260 ms (64 images per GPU at 50 % MFU, DESIGN.md): ≤ 0.05 % of the step.
+≈ 260 ms (64 images per GPU at 50 % MFU): ≤ 0.05 % of the step.
 The price would be re-implementing torch.optim.AdamW's semantics (per-group
 lr / weight-decay schedules, step counters, params whose grad is None -- the
 frozen last layer in epoch 1 still needs its EMA --, DTensor grads) and giving
@@ -318,8 +318,8 @@ def _ema_triton_(teacher: list[torch.Tensor], student: list[torch.Tensor], m, im
         mom_ptr, mom, one_minus, from_ptr = dummy, m, 1.0 - m, False
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for g in groups:  # usually one group: one launch
-            _ema_kernel[(g.nblocks,)](g.table, ts[g.t_index], ss[g.t_index], mom_ptr, mom, one_minus,
-                                      BLOCK=BLOCK, MOM_FROM_PTR=from_ptr, ALIGNED=g.aligned,
+            _ema_kernel[(g.nblocks,)](table_ptr=g.table, t_ref=ts[g.t_index], s_ref=ss[g.t_index],
+                                      mom_ptr=mom_ptr, mom=mom, one_minus_mom=one_minus, BLOCK=BLOCK, MOM_FROM_PTR=from_ptr, ALIGNED=g.aligned,
                                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 

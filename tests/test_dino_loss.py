@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from dino_fast.kernels import dino_loss as dl
-from dino_fast.kernels.dino_loss import STAT_NAMES, DINOLoss, compile_specs, dino_loss
+from dino_fast.kernels.dino_loss import STAT_NAMES, compile_specs, dino_loss
 from dino_fast.kernels.dino_loss_reference import DINOLossReference, dino_health_stats_reference
+from dino_fast.losses.dino_loss import DINOLoss
 from tests.conftest import requires_cuda
 
 IMPLS = ("triton", "torch")
@@ -231,7 +232,7 @@ def test_no_grad_forward_matches():
 def test_auto_picks_torch_on_cpu_and_logs_once(caplog):
     s, t, _ = _logits(2, 2, 50)
     fused = DINOLoss(50, 2, 0.04, 0.04, 0, 1)
-    with caplog.at_level(logging.INFO, logger="dino_fast.kernels.dino_loss"):
+    with caplog.at_level(logging.INFO, logger="dino_fast.losses.dino_loss"):
         fused(s, t, 0)
         fused(s, t, 0)
     msgs = [r.getMessage() for r in caplog.records if "impl=" in r.getMessage()]

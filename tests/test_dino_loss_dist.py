@@ -4,7 +4,7 @@ reference's center computed on the concatenation of the ranks' batches."""
 import pytest
 import torch
 
-from dino_fast.kernels.dino_loss import DINOLoss
+from dino_fast.losses.dino_loss import DINOLoss
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 from tests._dist import run_distributed
 

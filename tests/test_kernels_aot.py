@@ -17,6 +17,7 @@ import torch
 from dino_fast import cli
 from dino_fast.kernels import aot
 from dino_fast.kernels.spec import KernelSpec
+from tests import launch_recorder
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter runs the kernels on CPU
 KERNELS_DIR = os.path.join(os.path.dirname(__file__), "..", "kernels")
@@ -169,7 +170,7 @@ def test_alignment_hints_reach_the_compiler():
 # --------------------------------------------------------------------------- launcher/spec drift
 def _ema_launches(ema):
     g = torch.Generator().manual_seed(0)
-    with aot.record_launches(ema) as rec:
+    with launch_recorder.record_launches(ema) as rec:
         for t_dt in (torch.float32, torch.bfloat16):
             for s_dt in (torch.float32, torch.bfloat16):
                 sizes = [5000, 7]
@@ -187,10 +188,11 @@ def test_ema_launches_only_declared_configs(monkeypatch):
     launches = _ema_launches(ema)
     assert len(launches) == 8
     assert {(l.args["ALIGNED"], l.args["MOM_FROM_PTR"]) for l in launches} == {(True, False), (False, True)}
-    assert aot.undeclared_launches(launches, specs) == []
+    assert launch_recorder.undeclared_launches(launches, specs) == []
+    assert [l.kernel for l in launches if l.n_positional] == []           # every argument by keyword
     # the detector itself: a launcher that drifted from the declared table is caught
     monkeypatch.setattr(ema, "NUM_WARPS", ema.NUM_WARPS // 2)
-    drifted = aot.undeclared_launches(_ema_launches(ema), specs)
+    drifted = launch_recorder.undeclared_launches(_ema_launches(ema), specs)
     assert drifted and all("_ema_kernel" in d and "num_warps" in d for d in drifted)
 
 
@@ -199,15 +201,17 @@ def test_dino_loss_launches_only_declared_configs():
     specs = dl.compile_specs()
     g = torch.Generator().manual_seed(0)
     B, K = 2, 37
-    with aot.record_launches(dl) as rec:
+    with launch_recorder.record_launches(dl) as rec:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for ncrops, n_tv in ((3, 2), (6, 2), (5, 4)):
-                loss_fn = dl.DINOLoss(K, ncrops, 0.04, 0.04, 0, 1, impl="triton", n_teacher_views=n_tv).to(DEVICE)
                 s = torch.randn(ncrops * B, K, generator=g).to(DEVICE, dtype).requires_grad_()
                 t = torch.randn(n_tv * B, K, generator=g).to(DEVICE, dtype)
-                loss_fn(s, t, 0).backward()
+                loss, _ = dl.dino_loss(s, t, torch.zeros(1, K, device=DEVICE), ncrops, 0.04, n_teacher_views=n_tv,
+                                       impl="triton")
+                loss.backward()
                 assert torch.isfinite(s.grad).all()
     launched = {l.kernel for l in rec.launches}
-    declared = {aot._base_function(sp.fn).__name__ for sp in specs}
+    declared = {launch_recorder._base_function(sp.fn).__name__ for sp in specs}
     assert {"_student_fwd_kernel", "_student_grad_kernel"} <= launched <= declared
-    assert aot.undeclared_launches(rec.launches, specs) == []
+    assert launch_recorder.undeclared_launches(rec.launches, specs) == []
+    assert [l.kernel for l in rec.launches if l.n_positional] == []       # every argument by keyword

@@ -209,7 +209,7 @@ def test_oom_error_when_the_plan_expected_a_fit():
 @requires_cuda
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_estimate_matches_measured_peak_on_gpu(ckpt):
-    from dino_fast.kernels.dino_loss import DINOLoss
+    from dino_fast.losses.dino_loss import DINOLoss
     dev = torch.device("cuda")
     b, k, n_local = 32, 65536, 4
     student = MultiCropWrapper(vit_small(16, drop_path_rate=0.1, activation_checkpointing=ckpt),

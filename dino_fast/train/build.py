@@ -51,7 +51,7 @@ def build_pair(cfg) -> tuple[nn.Module, nn.Module]:
 
 
 def build_loss(cfg, device: torch.device) -> nn.Module:
-    from dino_fast.kernels.dino_loss import DINOLoss
+    from dino_fast.losses.dino_loss import DINOLoss
     return DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
                     cfg.warmup_teacher_temp_epochs, cfg.epochs, impl=cfg.loss_impl).to(device)
 

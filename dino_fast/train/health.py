@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
+from dino_fast.kernels.dino_loss import STAT_NAMES
 from dino_fast.kernels.dino_loss_reference import dino_health_stats_reference
-
-STAT_NAMES = ("teacher_entropy", "student_entropy", "kl", "center_norm", "teacher_max_prob")
 
 
 # ----------------------------------------------------------------------------- reference stats
@@ -128,7 +127,7 @@ class CollapseMonitor:
     def update(self, stats: Mapping[str, float], epoch: int, context: Mapping[str, Any] | None = None) -> str | None:
         """Feed one logging step's host-side stats; returns a warning string when collapse is confirmed.
 
-        stats: floats teacher_entropy, student_entropy, kl, center_norm, teacher_max_prob
+        stats: floats keyed by STAT_NAMES (teacher_entropy, student_entropy, kl, teacher_max_prob, center_norm)
             (e.g. `{k: v.item() for k, v in loss.last_stats.items()}` at a logging step).
         context: the current values to quote in the remedies; recognised keys:
             teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs, center_momentum,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dino_fast.kernels.dino_loss import STAT_NAMES
+
 from . import checkpoint
 from .build import build_loss, build_pair, prepare
 from .config import ConfigError, TrainConfig, to_dict
@@ -23,7 +25,6 @@ from .optim import build_optimizer, build_schedules, get_params_groups
 from .step import StepState, train_step
 
 log = logging.getLogger(__name__)
-_STATS = ("teacher_entropy", "student_entropy", "kl", "teacher_max_prob", "center_norm")
 
 
 class TrainingStopped(RuntimeError):
@@ -108,7 +109,7 @@ class _Window:
         """Mean loss and health stats over ranks (one all-reduce), read on the host; stops on a
         non-finite loss. Returns (values, seconds since the window opened)."""
         stats = getattr(dino_loss, "last_stats", {})
-        names = [k for k in _STATS if k in stats]
+        names = [k for k in STAT_NAMES if k in stats]
         vec = torch.stack([self.loss.float() / self.n] + [stats[k].float() for k in names])
         bad = self.bad_it.clone()
         if world_size > 1:
