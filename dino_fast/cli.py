@@ -3,14 +3,17 @@
 Each subcommand lives in its own module under `dino_fast/commands/` and
 exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 Only the chosen subcommand's module is imported, so `dino-fast kernels`
-never imports DALI and `dino-fast --help` is instant.
+never imports DALI and `dino-fast --help` is instant. Every subcommand's
+parser is a `dino_fast.flags.Parser` (bare boolean flags, "did you mean"
+for unknown options).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from importlib import import_module
+
+from dino_fast.flags import Parser
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dino-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"dino-fast {name}", description=module.HELP)
+    parser = Parser(prog=f"dino-fast {name}", description=module.HELP)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

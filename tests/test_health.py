@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dino_fast.train.health import STAT_NAMES, CollapseMonitor, health_stats_reference
+from dino_fast.kernels.dino_loss import STAT_NAMES
+from dino_fast.runtime.health import CollapseMonitor, health_stats_reference
 
 
 def _numpy_stats(student, teacher, center, ncrops, tt, ts, nt=2):

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dino_fast.train import launch
-from dino_fast.train.launch import (CollectiveError, CollectiveWatchdog, LaunchError, detect_launch,
+from dino_fast.runtime import launch
+from dino_fast.runtime.launch import (CollectiveError, CollectiveWatchdog, LaunchError, detect_launch,
                                     expand_nodelist, init_distributed, named_collective, slurm_master_port)
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

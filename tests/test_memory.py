@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dino_fast.model import DINOHead, MultiCropWrapper, vit_base, vit_small, vit_tiny
-from dino_fast.train.memory import (GiB, MiB, TrainingOutOfMemoryError, format_plan, head_param_count,
+from dino_fast.runtime.memory import (GiB, MiB, TrainingOutOfMemoryError, format_plan, head_param_count,
                                     memory_plan, memory_plan_from_config, oom_error, replan, vit_param_count)
 from tests.conftest import requires_cuda
 

@@ -2,7 +2,6 @@
 (against formulas written here independently of the code under test)."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -13,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from dino_fast.train.config import ConfigError, TrainConfig, add_arguments, field_docs, overrides_from_args, save
+from dino_fast.commands.train import add_arguments, overrides_from_args
+from dino_fast.flags import Parser
+from dino_fast.train.config import ConfigError, TrainConfig, field_docs, save
 from dino_fast.train.optim import (build_schedules, cancel_gradients_last_layer, clip_gradients,
                                    get_params_groups, LARS)
 from dino_fast.train.presets import PRESETS, resolve
@@ -38,7 +39,7 @@ def test_reference_defaults_and_field_docs():
 
 
 def parse(argv):
-    p = argparse.ArgumentParser()
+    p = Parser()
     add_arguments(p)
     a = p.parse_args(argv)
     return resolve(a.preset, overrides_from_args(a), check=False)

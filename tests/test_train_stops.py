@@ -26,7 +26,7 @@ def test_non_finite_loss_names_iteration_and_checkpoint(tmp_path, monkeypatch):
 
 
 def test_stop_on_collapse(tmp_path, monkeypatch):
-    from dino_fast.train import health
+    from dino_fast.runtime import health
     monkeypatch.setattr(health.CollapseMonitor, "update", lambda self, stats, epoch, context=None:
                         "DINO collapse warning: UNIFORM collapse" if epoch == 1 else None)
     with pytest.raises(loop.TrainingStopped, match=r"UNIFORM collapse\nStopped \(--stop_on_collapse\); the last "

@@ -10,12 +10,43 @@ HELP = "pretrain a ViT with DINO (no arguments: the demo run)"
 
 
 def add_arguments(parser) -> None:
-    from dino_fast.train.config import add_arguments as add_config_arguments
-    add_config_arguments(parser)
+    """`--preset NAME` plus `--<field> value` for every TrainConfig field (defaults suppressed,
+    so only the flags given on the command line override the preset; booleans also bare)."""
+    import argparse
+    from dataclasses import fields
+
+    from dino_fast.flags import add_bool_argument
+    from dino_fast.train.config import TrainConfig, field_docs
+    from dino_fast.train.presets import PRESETS
+    docs = field_docs()
+    parser.add_argument("--preset", default=None, help=f"start from a named config: {', '.join(PRESETS)} "
+                        "(default: demo when no --data_path is given, else the reference defaults)")
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        text = (docs.get(f.name, "") + f" (default {f.default!r})").replace("%", "%%")
+        if f.type in ("bool", bool):
+            add_bool_argument(parser, f"--{f.name}", default=argparse.SUPPRESS, help=text)
+            continue
+        kw = dict(default=argparse.SUPPRESS, help=text)
+        if f.type in ("tuple", tuple):
+            kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
+        else:
+            kw.update(type={"int": int, "float": float, "str": str}[str(f.type)])
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def overrides_from_args(args) -> dict:
+    """The TrainConfig fields given on the command line."""
+    from dataclasses import fields
+
+    from dino_fast.train.config import TrainConfig
+    names = {f.name for f in fields(TrainConfig)} - {"preset"}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names}
 
 
 def run(args) -> int:
-    from dino_fast.train.config import ConfigError, overrides_from_args
+    from dino_fast.train.config import ConfigError
     from dino_fast.train.presets import resolve
     try:
         cfg = resolve(args.preset, overrides_from_args(args))
@@ -42,7 +73,7 @@ def run(args) -> int:
         print(f"dino-fast train: {exc}", file=sys.stderr)
         return 4
     finally:
-        from dino_fast.train.launch import cleanup
+        from dino_fast.runtime.launch import cleanup
         cleanup()
     minutes = (time.time() - t0) / 60
     epochs = summary["epochs"]
@@ -61,7 +92,7 @@ def _dry_run(cfg) -> int:
     """Build the student, print its parameter count and the memory plan, train nothing."""
     import os
     from dino_fast.train.build import build_network
-    from dino_fast.train.memory import format_plan, memory_plan_from_config
+    from dino_fast.runtime.memory import format_plan, memory_plan_from_config
     student = build_network(cfg, student=True)
     n_params = sum(p.numel() for p in student.parameters())
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))

@@ -6,5 +6,7 @@ build.py    student/teacher MultiCropWrapper(ViT, DINOHead), FSDP2 sharding, mix
 step.py     one optimizer step (forward → loss → backward → step → EMA), gradient accumulation
 optim.py    parameter groups, per-tensor clipping, last-layer freezing, LARS, schedules
 loop.py     train(cfg): the epoch loop, logging, checkpoints, resume
-checkpoint.py, logger.py, demo.py; launch.py (torchrun/SLURM), health.py (collapse), memory.py (plan/OOM)
+checkpoint.py, logger.py, demo.py
+
+The tools around a run (memory plan, launch, collapse monitor) are in dino_fast.runtime.
 """

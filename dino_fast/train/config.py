@@ -1,10 +1,10 @@
 """The training configuration: one typed dataclass, a docstring per field.
 
 The first block mirrors every argument of the reference `main_dino.py` with
-its default; the second holds dino-fast's own settings. `from_args` builds a
-config from a preset plus command-line overrides, `validate` turns bad values
-into errors that name the argument and the fix, `save` writes the resolved
-config next to the run.
+its default; the second holds dino-fast's own settings. `validate` turns bad
+values into errors that name the argument and the fix, `save` writes the
+resolved config next to the run. Presets (presets.py) build on this module;
+the command-line flags (one per field) are made in dino_fast/commands/train.py.
 """
 from __future__ import annotations
 
@@ -228,42 +228,3 @@ def save(cfg: TrainConfig, output_dir: str) -> str:
         json.dump(to_dict(cfg), f, indent=1, sort_keys=True)
     os.replace(tmp, path)
     return path
-
-
-# ---- command line: one flag per field -------------------------------------------------------
-def _bool(text: str) -> bool:
-    """The reference's bool_flag: true/false, on/off, 1/0."""
-    low = str(text).lower()
-    if low in ("1", "true", "on", "yes"):
-        return True
-    if low in ("0", "false", "off", "no"):
-        return False
-    import argparse
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def add_arguments(parser) -> None:
-    """`--preset NAME` plus `--<field> value` for every field (defaults suppressed, so only the
-    flags given on the command line override the preset)."""
-    import argparse
-    from .presets import PRESETS
-    docs = field_docs()
-    parser.add_argument("--preset", default=None, help=f"start from a named config: {', '.join(PRESETS)} "
-                        "(default: demo when no --data_path is given, else the reference defaults)")
-    for f in fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        kw = dict(default=argparse.SUPPRESS, help=(docs.get(f.name, "") + f" (default {f.default!r})").replace("%", "%%"))
-        if f.type in ("tuple", tuple):
-            kw.update(type=float, nargs=2, metavar=("MIN", "MAX"))
-        elif f.type in ("bool", bool):
-            kw.update(type=_bool, metavar="true|false")
-        else:
-            kw.update(type={"int": int, "float": float, "str": str}[str(f.type)])
-        parser.add_argument(f"--{f.name}", **kw)
-
-
-def overrides_from_args(args) -> dict:
-    """The fields given on the command line."""
-    names = {f.name for f in fields(TrainConfig)} - {"preset"}
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k in names}

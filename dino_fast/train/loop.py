@@ -41,12 +41,12 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Process group (torchrun / SLURM / plain via dino_fast.train.launch) and device."""
+    """Process group (torchrun / SLURM / plain via dino_fast.runtime.launch) and device."""
     if dist.is_available() and dist.is_initialized():  # a caller (tests, notebooks) set it up already
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     else:
-        from .launch import init_distributed
+        from dino_fast.runtime.launch import init_distributed
         info = init_distributed(timeout_minutes=cfg.dist_timeout, backend="gloo" if cfg.device == "cpu" else None)
         rank, world, device = info.rank, info.world_size, info.device
     if cfg.device == "cpu":
@@ -113,7 +113,7 @@ class _Window:
         vec = torch.stack([self.loss.float() / self.n] + [stats[k].float() for k in names])
         bad = self.bad_it.clone()
         if world_size > 1:
-            from .launch import named_collective
+            from dino_fast.runtime.launch import named_collective
             named_collective("all_reduce log stats", dist.all_reduce, vec)
             named_collective("all_reduce non-finite flag", dist.all_reduce, bad, op=dist.ReduceOp.MAX)
             vec /= world_size
@@ -149,7 +149,7 @@ def _check_collapse(monitor, rec: dict, cfg, dino_loss, run: Run, it: int, last_
 
 def _oom(cfg, run, exc):
     """The OOM re-raised with the memory plan's numbers and the three remedies."""
-    from .memory import memory_plan_from_config, oom_error
+    from dino_fast.runtime.memory import memory_plan_from_config, oom_error
     try:
         plan = memory_plan_from_config(cfg, world_size=run.world_size, gpu_memory=cfg.gpu_memory or None)
     except Exception:  # the plan is a help, never a second failure
@@ -185,7 +185,7 @@ def train(cfg: TrainConfig) -> dict:
     if knn:
         from .demo import knn_top1
         summary["knn_before"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
-    from .health import CollapseMonitor
+    from dino_fast.runtime.health import CollapseMonitor
     monitor = CollapseMonitor(cfg.out_dim, patience=cfg.collapse_patience,
                               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
     logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"),
