@@ -18,8 +18,9 @@ import os  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dino_fast import bench_baseline  # noqa: E402
-from dino_fast.benchmark import Case, device_spec, run_case  # noqa: E402
+from dino_fast.benchmark import baseline as bench_baseline  # noqa: E402
+from dino_fast.benchmark.harness import Case, run_case  # noqa: E402
+from dino_fast.devices import device_spec  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -163,13 +164,14 @@ def spec(device):
 
 @pytest.fixture
 def bench_case(benchmark, spec, smoke):
-    """bench_case(name, fn, ref_fn=None, *, check=None, nbytes=None, flops=None,
+    """bench_case(name, fn, ref_fn=None, *, check=None, nbytes=None, floor=None, flops=None,
     ref_name="reference", **extra) -> record: checks fn's output against
     ref_fn's with `check(out, ref_out)`, times both (CUDA events), fills
     benchmark.extra_info with the standard record, and runs pytest-benchmark
     on fn (one round when smoke / --benchmark-disable)."""
-    def run(name, fn, ref_fn=None, *, check=None, nbytes=None, flops=None, ref_name="reference", **extra):
-        rec = run_case(Case(name, fn, ref_fn, check, nbytes, flops, ref_name, extra), spec, smoke)
+    def run(name, fn, ref_fn=None, *, check=None, nbytes=None, floor=None, flops=None, ref_name="reference",
+            **extra):
+        rec = run_case(Case(name, fn, ref_fn, check, nbytes, flops, ref_name, extra, floor), spec, smoke)
         benchmark.extra_info.update(rec)
         benchmark.pedantic(fn, rounds=1 if smoke else 10, iterations=1, warmup_rounds=0 if smoke else 1)
         return rec

@@ -1,10 +1,11 @@
 """DINO loss bench: fused (Triton) forward + backward vs the reference DINOLoss,
 timed in the same run, B = 64 per GPU, K = 65536, ncrops 10 and 12, fp32 and bf16.
 
-Traffic model (the floor for a loss whose gradient needs each row's lse): the
-student logits read twice + their gradient written once + the teacher logits
-read once, in the input dtype: (3 * ncrops + 2) * B * K * elem bytes. GB/s and
-the fraction of HBM peak are against that. Also reported: the reference's time
+Traffic: the bytes the kernels really move in forward + backward
+(dino_fast.benchmark.cases.dino_loss_traffic: student logits read twice and
+their gradient written once, teacher logits read three times, in the input
+dtype; the record names this floor). GB/s and the fraction of HBM peak are
+against that. Also reported: the reference's time
 (ratio), peak extra memory of both (and the ratio), the torch impl, the
 Liger-style variant (gradient written in the forward) and the forward alone.
 On the CPU (smoke) tiny shapes run and only correctness is asserted; on a GPU
@@ -15,8 +16,9 @@ import json
 import pytest
 import torch
 
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
+from dino_fast.benchmark.cases import dino_loss_traffic
 from dino_fast.kernels import dino_loss as dl
 from dino_fast.losses.dino_loss import DINOLoss
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
@@ -95,13 +97,11 @@ def test_dino_loss(benchmark, device, smoke, spec, ncrops, dtype):
     ref_mem = peak_extra_memory(_step(ref, s, t))
     s.grad = None
 
-    elem = s.element_size()
-    nbytes = (3 * ncrops + 2) * B * K * elem
-    rec = record(ms, spec, nbytes=nbytes, ref_ms=ref_ms, peak_mem=mem, op="dino_loss",
+    rec = record(ms, spec, **dino_loss_traffic(B, K, ncrops, elem_bytes=s.element_size()), ref_ms=ref_ms,
+                 peak_mem=mem, op="dino_loss",
                  variant=f"{NAMES[dtype]}_ncrops{ncrops}", B=B, K=K, ncrops=ncrops, smoke=smoke,
                  ref_peak_extra_mem_bytes=ref_mem,
-                 mem_ratio=(ref_mem / mem) if mem else None,
-                 floor_ms=nbytes / (spec.hbm_gbps * 1e9) * 1e3, **extra)
+                 mem_ratio=(ref_mem / mem) if mem else None, **extra)
     rec["goals"] = {"speedup>=10": rec["speedup"] >= 10,
                     "mem_ratio>=5": bool(rec["mem_ratio"] and rec["mem_ratio"] >= 5),
                     "frac_hbm>=0.6": rec["frac_hbm"] >= 0.6}

@@ -2,7 +2,8 @@
 158 tensors, real shapes), one-launch Triton kernel vs `torch._foreach_lerp_`
 vs the reference's per-parameter loop, timed in the same run.
 
-Bytes moved (the floor): read teacher + read student + write teacher. On a
+Bytes moved (the floor, dino_fast.benchmark.cases.ema_traffic): read teacher +
+read student + write teacher. On a
 GPU the record goes to bench/results/ema_<device>.json; on the CPU (smoke) a
 tiny ViT of the same layout runs and only correctness is asserted.
 """
@@ -11,8 +12,9 @@ import json
 import pytest
 import torch
 
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
 from dino_fast.benchmark import record, time_ms
+from dino_fast.benchmark.cases import ema_traffic
 from dino_fast.kernels.ema import ema_update_, ema_update_reference_, vit_b8_dino_param_shapes
 from tests.test_ema import _assert_close_to_exact
 
@@ -35,7 +37,6 @@ def test_ema(benchmark, device, smoke, spec, t_dtype, s_dtype):
     teacher = _params(shapes, t_dtype, device, 0)
     student = _params(shapes, s_dtype, device, 1)
     numel = sum(t.numel() for t in teacher)
-    nbytes = numel * (2 * teacher[0].element_size() + student[0].element_size())
     momentum = torch.tensor(0.996, dtype=torch.float64, device=device)  # a device schedule entry
 
     # correctness first, on fresh copies: every impl against the reference loop's formula
@@ -56,12 +57,11 @@ def test_ema(benchmark, device, smoke, spec, t_dtype, s_dtype):
         "loop": time_ms(lambda: ema_update_reference_(teacher, student, 0.996), 1, iters),
     }
     variant = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-    rec = record(ms["triton"], spec, nbytes=nbytes, ref_ms=ms["loop"],
+    rec = record(ms["triton"], spec, **ema_traffic(teacher, student), ref_ms=ms["loop"],
                  op="ema", variant=f"{variant[t_dtype]}<-{variant[s_dtype]}", params=numel,
                  tensors=len(teacher), smoke=smoke, ms_tensor_momentum=ms["triton_tensor_m"],
                  foreach_ms=ms["foreach"], loop_ms=ms["loop"],
-                 speedup_vs_foreach=ms["foreach"] / ms["triton"],
-                 floor_ms=nbytes / (spec.hbm_gbps * 1e9) * 1e3)
+                 speedup_vs_foreach=ms["foreach"] / ms["triton"])
     rec["goals"] = {"frac_hbm>=0.8": rec["frac_hbm"] >= 0.8,
                     "faster_than_foreach": ms["triton"] < ms["foreach"],
                     "speedup_vs_loop>=20": rec["speedup"] >= 20}

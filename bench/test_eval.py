@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
 from dino_fast.benchmark import peak_extra_memory, record, time_ms
 from dino_fast.eval.features import extract_features
 from dino_fast.eval.knn import knn_classifier_reference, knn_evaluate, knn_predict

@@ -18,7 +18,7 @@ import torch
 
 import dino_fast.model as dm
 import tests.reference_vit as ref
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
 from dino_fast.benchmark import bench_autocast, fwd_bwd_step, peak_extra_memory, record, time_ms
 from dino_fast.model.attention import has_varlen, has_xformers
 from dino_fast.model.flops import multicrop_fwd_bwd_flops

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dino_fast.benchmark import fwd_bwd_step
+from dino_fast.benchmark.cases import dino_loss_traffic
 from dino_fast.losses.dino_loss import DINOLoss
 
 
@@ -39,7 +40,7 @@ def test_peer_lightly_dino_loss(bench_case, device, smoke):
         torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(out[1], ref[1], rtol=1e-3, atol=1e-7)
     rec = bench_case("dino_loss_vs_lightly", ours_step, peer_step, check=check,
-                     nbytes=(3 * ncrops + 2) * B * K * s.element_size(), ref_name="lightly DINOLoss",
+                     **dino_loss_traffic(B, K, ncrops, elem_bytes=s.element_size()), ref_name="lightly DINOLoss",
                      B=B, K=K, ncrops=ncrops)
     assert rec["speedup"] > 0
 

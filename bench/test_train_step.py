@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
 from dino_fast.benchmark import bench_autocast, record, time_ms
 from dino_fast.kernels.dino_loss_reference import DINOLossReference
 from dino_fast.kernels.ema import ema_update_reference_

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_fast import bench_baseline, cli
-from dino_fast.benchmark import (Case, DeviceSpec, achieved_gbps, achieved_tflops, device_spec, peaks_for_name,
-                                 record, run_case)
+from dino_fast import cli
+from dino_fast.benchmark import baseline as bench_baseline
+from dino_fast.benchmark.harness import Case, achieved_gbps, achieved_tflops, record, run_case
+from dino_fast.devices import DeviceSpec, bf16_peak_tflops, device_spec, peaks_for_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100 = DeviceSpec("h100", "NVIDIA H100 80GB HBM3", 3350.0, 989.0)
@@ -110,7 +111,8 @@ def test_save_merges_cases_and_writes_metadata(tmp_path):
 
 SYNTH = '''
 import os, pytest
-from dino_fast.benchmark import DeviceSpec, record
+from dino_fast.benchmark import record
+from dino_fast.devices import DeviceSpec
 
 def _case(benchmark, kind, ms):
     ms = float(ms)
@@ -192,7 +194,7 @@ def test_bench_command_on_cpu(tmp_path, capsys, monkeypatch):
         assert png.format == "PNG" and png.size[0] == 900 and png.size[1] >= 60 + 26 * 2
 
     # the human table; a case whose module is missing is reported, not dropped
-    from dino_fast import bench_cases
+    from dino_fast.benchmark import cases as bench_cases
 
     def missing(device, smoke):
         raise ImportError("No module named 'dino_fast.kernels.ema'")
@@ -216,17 +218,8 @@ def test_bench_command_on_cpu(tmp_path, capsys, monkeypatch):
 
 
 # --------------------------------------------------------------------------- README table
-def _bench_table():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import bench_table
-    finally:
-        sys.path.pop(0)
-    return bench_table
-
-
 def test_bench_table_rewrites_only_its_block(tmp_path):
-    bt = _bench_table()
+    from dino_fast.benchmark import table as bt
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\nbefore\n\n{bt.START}\nold text\n{bt.END}\nafter\n")
     results = tmp_path / "results"
@@ -251,3 +244,57 @@ def test_bench_table_rewrites_only_its_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="bench-table:start"):
         bt.main(["--readme", str(readme), "--results", str(results)])
+
+
+def test_bench_table_script_checks_a_stale_readme(tmp_path):
+    # CI runs `python tools/bench_table.py --check`: the script is the table module's main
+    from dino_fast.benchmark import table as bt
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{bt.START}\nstale\n{bt.END}\n")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "bench_table.py"), "--readme", str(readme),
+           "--results", str(tmp_path)]
+    stale = subprocess.run(cmd + ["--check"], capture_output=True, text=True, timeout=120)
+    assert stale.returncode == 1 and "out of date" in stale.stderr
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
+    assert subprocess.run(cmd + ["--check"], capture_output=True, text=True, timeout=120).returncode == 0
+
+
+# --------------------------------------------------------------------------- bytes-moved formulas
+def test_dino_loss_traffic_matches_the_kernels_passes():
+    from dino_fast.benchmark.cases import dino_loss_traffic
+    from dino_fast.kernels import dino_loss as dl
+    from tests.launch_recorder import record_launches
+    # by hand, B = 64, K = 65536, 12 views, 2 teacher views, fp32: 3 x 201,326,592 B of student traffic
+    # (2 reads + the gradient write) + 3 x 33,554,432 B of teacher reads
+    t = dino_loss_traffic(64, 65536, 12, 2, 4)
+    assert t["nbytes"] == 3 * 201_326_592 + 3 * 33_554_432 and t["floor"] == "student 2R+1W, teacher 3R"
+    assert dino_loss_traffic(64, 65536, 12, 2, 2)["nbytes"] == t["nbytes"] // 2
+    # the launches of one forward + backward: which kernels take the full student / teacher / gradient
+    B, K, V = 3, 40, 4
+    s = torch.randn(V * B, K).requires_grad_()
+    teacher = torch.randn(2 * B, K)
+    with record_launches(dl) as rec:
+        loss, _ = dl.dino_loss(s, teacher, torch.zeros(1, K), V, 0.04, impl="triton")
+        loss.backward()
+    def passes(tensor, arg_names):
+        return sum(1 for l in rec.launches for n in arg_names
+                   if getattr(l.args.get(n), "data_ptr", lambda: None)() == tensor.data_ptr())
+    assert passes(s, ("s_ptr",)) == 2 and passes(teacher, ("t_ptr",)) == 3
+    assert sum("grad_ptr" in l.args for l in rec.launches) == 1
+    r = record(1.0, H100, **t)
+    assert r["floor"] == "student 2R+1W, teacher 3R" and r["nbytes"] == t["nbytes"]
+    assert r["floor_ms"] == pytest.approx(t["nbytes"] / 3350e9 * 1e3)
+
+
+def test_ema_traffic_counts_each_dtype():
+    from dino_fast.benchmark.cases import ema_traffic
+    teacher = [torch.zeros(10), torch.zeros(3, 4)]                                  # fp32
+    student = [torch.zeros(10, dtype=torch.bfloat16), torch.zeros(3, 4, dtype=torch.bfloat16)]
+    # per element: teacher read + written (2 x 4 B) + student read (2 B) = 10 B; 22 elements
+    assert ema_traffic(teacher, student) == {"nbytes": 220, "floor": "teacher 1R+1W, student 1R"}
+
+
+def test_mfu_peak_needs_no_measurement(monkeypatch):
+    import dino_fast.devices as devices
+    monkeypatch.setattr(devices, "measured_bandwidth_gbps", lambda *a, **k: pytest.fail("measured"))
+    assert bf16_peak_tflops("cpu") == devices.CPU_TFLOPS == 1.0

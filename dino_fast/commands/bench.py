@@ -55,8 +55,8 @@ def run_cases(names: list[str], device, smoke: bool, spec) -> list[dict]:
     (its module cannot be imported) or failed (wrong result or error)."""
     import torch
 
-    from dino_fast.bench_cases import CASES
-    from dino_fast.benchmark import run_case
+    from dino_fast.benchmark.cases import CASES
+    from dino_fast.benchmark.harness import run_case
     records = []
     for name in names:
         try:
@@ -83,9 +83,9 @@ def run_cases(names: list[str], device, smoke: bool, spec) -> list[dict]:
 def run(args) -> int:
     import torch
 
-    from dino_fast.bench_baseline import environment, write_json_atomic
-    from dino_fast.bench_cases import CASES
-    from dino_fast.benchmark import device_spec, spec_dict
+    from dino_fast.benchmark.baseline import environment, write_json_atomic
+    from dino_fast.benchmark.cases import CASES
+    from dino_fast.devices import device_spec, spec_dict
     from dino_fast.plot import bar_chart
     names = list(CASES) if not args.cases else [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [n for n in names if n not in CASES]

@@ -190,8 +190,8 @@ def train(cfg: TrainConfig) -> dict:
                               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
     logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"),
                        resume_it=it)
-    from dino_fast.benchmark import device_spec
-    peak = device_spec(run.device).bf16_tflops * 1e12 * run.world_size
+    from dino_fast.devices import bf16_peak_tflops
+    peak = bf16_peak_tflops(run.device) * 1e12 * run.world_size
     imgs_per_step = cfg.batch_size_per_gpu * run.world_size
 
     for epoch in range(start_epoch, cfg.epochs):

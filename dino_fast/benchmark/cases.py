@@ -1,10 +1,13 @@
 """The key cases `dino-fast bench` runs: each hot path against its reference
-on the same inputs, timed in the same run (see dino_fast.benchmark.run_case).
+on the same inputs, timed in the same run (see dino_fast.benchmark.harness.run_case),
+and the bytes-moved formula of each memory-bound op (one per op: the cases
+here and the suites in bench/ use the same).
 
 Every builder imports what it measures lazily, so one missing piece (no DALI,
 a module not installed) is reported as missing by the command, not dropped.
-GPU shapes are the default problems of DESIGN.md; smoke (CPU) shapes are tiny
-and only show that each case runs and is correct.
+GPU shapes are the default problems (B = 64, K = 65536, 2 + 10 crops; ViT-B/8
++ head for the EMA); smoke (CPU) shapes are tiny and only show that each case
+runs and is correct.
 """
 from __future__ import annotations
 
@@ -12,7 +15,26 @@ from typing import Callable
 
 import torch
 
-from dino_fast.benchmark import Case, fwd_bwd_step
+from dino_fast.benchmark.harness import Case, fwd_bwd_step
+
+
+# --------------------------------------------------------------------------- bytes moved, one formula per op
+def dino_loss_traffic(B: int, K: int, ncrops: int, n_teacher_views: int = 2, elem_bytes: int = 4) -> dict:
+    """Bytes the fused DINO loss's kernels move in forward + backward (the
+    math comment of kernels/dino_loss.py): the student logits read twice and
+    their gradient written once, the teacher logits read three times (kernels
+    1, 3 and 5), all in the input dtype; the fp32 partials and the L2-resident
+    centre aside. Returns record()/Case fields nbytes and floor."""
+    student = ncrops * B * K * elem_bytes
+    teacher = n_teacher_views * B * K * elem_bytes
+    return dict(nbytes=3 * student + 3 * teacher, floor="student 2R+1W, teacher 3R")
+
+
+def ema_traffic(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> dict:
+    """Bytes of one teacher EMA over these tensors (the floor): teacher read
+    and written, student read, each in its own dtype."""
+    nbytes = sum(t.numel() * (2 * t.element_size() + s.element_size()) for t, s in zip(teacher, student))
+    return dict(nbytes=nbytes, floor="teacher 1R+1W, student 1R")
 
 
 def _close(rtol: float, atol: float = 0.0) -> Callable:
@@ -48,10 +70,9 @@ def dino_loss(device: torch.device, smoke: bool) -> Case:
             loss.backward()
             return loss.detach(), s.grad
         return run
-    # the floor: student read twice + gradient written once + teacher read once
-    nbytes = (3 * ncrops + 2) * B * K * s.element_size()
-    return Case("dino_loss", step(fused), step(ref), _close(2e-5), nbytes=nbytes,
-                ref_name="reference DINOLoss", extra=dict(B=B, K=K, ncrops=ncrops, dtype="fp32"))
+    return Case("dino_loss", step(fused), step(ref), _close(2e-5), ref_name="reference DINOLoss",
+                extra=dict(B=B, K=K, ncrops=ncrops, dtype="fp32"),
+                **dino_loss_traffic(B, K, ncrops, elem_bytes=s.element_size()))
 
 
 # --------------------------------------------------------------------------- teacher EMA
@@ -72,8 +93,8 @@ def ema(device: torch.device, smoke: bool) -> Case:
     def ref():
         ema_update_reference_(teacher_ref, student, 0.996)
         return teacher_ref
-    return Case("ema", fused, ref, _close(1e-6), nbytes=3 * 4 * numel, ref_name="per-parameter loop",
-                extra=dict(params=numel, tensors=len(shapes)))
+    return Case("ema", fused, ref, _close(1e-6), ref_name="per-parameter loop",
+                extra=dict(params=numel, tensors=len(shapes)), **ema_traffic(teacher, student))
 
 
 # --------------------------------------------------------------------------- model forward + backward

@@ -21,7 +21,8 @@ import tempfile
 from dataclasses import dataclass
 
 SCHEMA = 1
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 DEFAULT_TOLERANCE = 0.10
 
 

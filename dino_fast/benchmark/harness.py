@@ -1,6 +1,6 @@
 """Benchmark harness shared by `pytest bench/` and `dino-fast bench`.
 
-Device peaks, CUDA-event timing with warm-up, peak extra memory, and the
+CUDA-event timing with warm-up, peak extra memory, and the
 standard fields every benchmark record carries (achieved GB/s or TFLOP/s,
 fraction of the device's peak, ratio to the reference timed in the same run).
 `run_case` times an op and its reference side by side after checking the
@@ -10,66 +10,12 @@ bench/conftest.py and `dino-fast bench` both use it.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """A device kind and its peak figures (dense bf16, HBM bandwidth)."""
-    kind: str            # "h100", "h200", "a100", "cpu", or the CUDA name
-    name: str            # full device name as reported
-    hbm_gbps: float      # peak memory bandwidth, GB/s (1e9 bytes)
-    bf16_tflops: float   # peak dense bf16 tensor throughput, TFLOP/s
-
-
-# name substring -> (kind, GB/s, bf16 dense TFLOP/s); first match wins, so the
-# more specific names come first. Vendor data sheets (dense, no sparsity).
-_PEAKS = (
-    ("GH200", ("gh200", 4000.0, 989.0)),
-    ("H200", ("h200", 4800.0, 989.0)),
-    ("H100 PCIe", ("h100-pcie", 2000.0, 756.0)),
-    ("H100 NVL", ("h100-nvl", 3900.0, 835.0)),
-    ("H100", ("h100", 3350.0, 989.0)),
-    ("A100-SXM4-40GB", ("a100-40gb", 1555.0, 312.0)),
-    ("A100-PCIE-40GB", ("a100-40gb-pcie", 1555.0, 312.0)),
-    ("A100 80GB PCIe", ("a100-pcie", 1935.0, 312.0)),
-    ("A100", ("a100", 2039.0, 312.0)),
-)
-UNKNOWN_GPU_TFLOPS = 100.0   # nominal bf16 peak of a GPU not in the table (MFU is then indicative)
-
-
-def peaks_for_name(name: str) -> tuple[str, float, float] | None:
-    """(kind, HBM GB/s, bf16 TFLOP/s) of a CUDA device name, None if unknown."""
-    for key, peaks in _PEAKS:
-        if key.lower() in name.lower():
-            return peaks
-    return None
-
-
-def device_spec(device: torch.device | str | None = None) -> DeviceSpec:
-    """Peak figures of `device` (default: the current CUDA device, else CPU).
-    Unknown GPUs get a measured bandwidth and a nominal 100 TFLOP/s."""
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type != "cuda":
-        return DeviceSpec("cpu", "cpu", measured_bandwidth_gbps(device), 1.0)
-    name = torch.cuda.get_device_name(device)
-    known = peaks_for_name(name)
-    if known is not None:
-        return DeviceSpec(known[0], name, known[1], known[2])
-    kind = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    return DeviceSpec(kind, name, measured_bandwidth_gbps(device), UNKNOWN_GPU_TFLOPS)
-
-
-def measured_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 26) -> float:
-    """Copy bandwidth (read + write) of a large buffer, GB/s."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup=2, iters=5)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+from dino_fast.devices import DeviceSpec
 
 
 def _sync(device_type: str) -> None:
@@ -144,18 +90,23 @@ def achieved_tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
-def record(ms: float, spec: DeviceSpec, *, nbytes: float | None = None, flops: float | None = None,
-           ref_ms: float | None = None, peak_mem: int | None = None, **extra) -> dict:
-    """The standard fields of one benchmark record: ms; gbps and frac_hbm (of
-    the HBM peak) given the bytes moved; tflops and mfu (of the bf16 peak)
-    given the FLOPs; ref_ms and speedup (reference ms / ms) given the
-    reference's time in the same run; peak extra memory."""
+def record(ms: float, spec: DeviceSpec, *, nbytes: float | None = None, floor: str | None = None,
+           flops: float | None = None, ref_ms: float | None = None, peak_mem: int | None = None, **extra) -> dict:
+    """The standard fields of one benchmark record: ms; gbps, frac_hbm (of
+    the HBM peak) and floor_ms (nbytes at the HBM peak) given the bytes moved,
+    and `floor`, what those bytes count (e.g. "student 2R+1W, teacher 3R");
+    tflops and mfu (of the bf16 peak) given the FLOPs; ref_ms and speedup
+    (reference ms / ms) given the reference's time in the same run; peak
+    extra memory."""
     if not ms > 0:
         raise ValueError(f"record: ms must be > 0, got {ms!r}")
     out: dict = {"device": spec.kind, "device_name": spec.name, "ms": ms}
     if nbytes is not None:
         gbps = achieved_gbps(nbytes, ms)
-        out.update(gbps=gbps, frac_hbm=gbps / spec.hbm_gbps)
+        out.update(gbps=gbps, frac_hbm=gbps / spec.hbm_gbps, floor_ms=nbytes / (spec.hbm_gbps * 1e9) * 1e3,
+                   nbytes=nbytes)
+        if floor is not None:
+            out["floor"] = floor
     if flops is not None:
         tflops = achieved_tflops(flops, ms)
         out.update(tflops=tflops, mfu=tflops / spec.bf16_tflops)
@@ -167,10 +118,6 @@ def record(ms: float, spec: DeviceSpec, *, nbytes: float | None = None, flops: f
     return out
 
 
-def spec_dict(spec: DeviceSpec) -> dict:
-    return asdict(spec)
-
-
 # --------------------------------------------------------------------------- one case, op vs reference
 @dataclass
 class Case:
@@ -179,7 +126,8 @@ class Case:
     fn / ref_fn: zero-argument callables, one step each (forward + backward
     where that is the hot path); their return values go to `check`.
     check(out, ref_out): raises AssertionError when the op is wrong.
-    nbytes / flops: bytes moved or FLOPs per call of fn (for GB/s or TFLOP/s).
+    nbytes / flops: bytes moved or FLOPs per call of fn (for GB/s or TFLOP/s);
+    floor: what nbytes counts (the traffic model's name).
     """
     name: str
     fn: Callable[[], object]
@@ -189,6 +137,7 @@ class Case:
     flops: float | None = None
     ref_name: str = "reference"
     extra: dict | None = None
+    floor: str | None = None
 
 
 def run_case(case: Case, spec: DeviceSpec, smoke: bool, warmup: int | None = None,
@@ -208,6 +157,6 @@ def run_case(case: Case, spec: DeviceSpec, smoke: bool, warmup: int | None = Non
     ms = time_ms(case.fn, warmup, iters, device_type)
     ref_ms = time_ms(case.ref_fn, warmup, iters, device_type) if case.ref_fn is not None else None
     peak = peak_extra_memory(case.fn) if memory and device_type == "cuda" else None
-    return record(ms, spec, nbytes=case.nbytes, flops=case.flops, ref_ms=ref_ms, peak_mem=peak,
+    return record(ms, spec, nbytes=case.nbytes, floor=case.floor, flops=case.flops, ref_ms=ref_ms, peak_mem=peak,
                   op=case.name, ref_name=case.ref_name if case.ref_fn is not None else None,
                   smoke=smoke, **(case.extra or {}))
