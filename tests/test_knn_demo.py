@@ -1,4 +1,4 @@
-"""Issue 8: k-NN of a trained demo checkpoint beats a randomly initialised
+"""k-NN of a trained demo checkpoint beats a randomly initialised
 backbone on the demo data.
 
 tests/data/demo_teacher_vit_tiny7_4blocks.pth is the teacher backbone of a full

@@ -41,7 +41,7 @@ def test_parameter_count_hand_values():
     assert vit_param_count("vit_base", 8) == 85_807_872
     assert head_param_count(768, 65536) == (23_138_560, 23_138_560 - 65536)
     plan = memory_plan("vit_base", 8, 65536, gpu_memory=80)
-    assert plan.params_student == 108_946_432          # DESIGN.md: "109 M parameters (ViT-B/8 + head)"
+    assert plan.params_student == 108_946_432          # ViT-B/8 + head: 109 M parameters (as README)
     assert memory_plan("vit_small", 16, 65536, gpu_memory=80).params_student == 44_017_792
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from dino_fast.devices import DeviceSpec
+if TYPE_CHECKING:  # annotations only: dino_fast.devices times its bandwidth probe with this module
+    from dino_fast.devices import DeviceSpec
 
 
 def _sync(device_type: str) -> None:

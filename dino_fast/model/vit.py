@@ -203,7 +203,7 @@ class VisionTransformer(nn.Module):
         dim = x.shape[-1]
         w0 = w // self.patch_embed.patch_size
         h0 = h // self.patch_embed.patch_size
-        # the +0.1 avoids floating point error in the output size (dino issue #8);
+        # the +0.1 avoids floating point error in the output size (as the reference does);
         # interpolate uses the given scale_factor, not the output size, for the
         # sampling positions, so it is kept exactly as the reference has it.
         w0, h0 = w0 + 0.1, h0 + 0.1

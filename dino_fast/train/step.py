@@ -14,26 +14,45 @@ schedules advance once per step.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .config import TrainConfig
 from .optim import Schedules, cancel_gradients_last_layer, clip_gradients
+
+
+@runtime_checkable
+class StepLoss(Protocol):
+    """What the step needs of the DINO loss (dino_fast.losses.dino_loss.DINOLoss has it)."""
+    n_teacher_views: int
+    last_teacher_sum: torch.Tensor | None
+    """This rank's fp32 (1, K) teacher column sum of the last call with update_center=False."""
+
+    def __call__(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int, *,
+                 update_center: bool = True) -> torch.Tensor:
+        """The 0-dim loss of (ncrops*b, K) student and (n_teacher_views*b, K) teacher logits."""
+        ...
+
+    def update_center_from_sum(self, colsum: torch.Tensor, n_rows: int) -> None:
+        """One centre update (and its all-reduce) from a teacher column sum over n_rows rows."""
+        ...
 
 
 @dataclass
 class StepState:
     """Everything a step touches."""
-    cfg: object
+    cfg: TrainConfig
     student: nn.Module
     teacher: nn.Module
-    dino_loss: nn.Module
+    dino_loss: StepLoss
     optimizer: torch.optim.Optimizer
     schedules: Schedules
-    autocast: Callable
-    scaler: object = None                  # torch.amp.GradScaler for fp16, else None
+    autocast: Callable[[], AbstractContextManager]
+    scaler: torch.amp.GradScaler | None = None   # fp16 only
     use_fsdp: bool = False
     student_params: list = field(default_factory=list)
     teacher_params: list = field(default_factory=list)
