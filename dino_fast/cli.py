@@ -9,6 +9,7 @@ for unknown options).
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from importlib import import_module
@@ -36,6 +37,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def build_parser(name: str):
+    """(the subcommand's module, its parser)."""
+    module = import_module(COMMANDS[name][0])
+    parser = Parser(prog=f"dino-fast {name}", description=module.HELP)
+    module.add_arguments(parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
@@ -44,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0] if argv and not argv[0].startswith("-") else "train"
     rest = argv[1:] if argv and argv[0] == name else argv
     if name not in COMMANDS:
-        print(f"dino-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"dino-fast: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = import_module(COMMANDS[name][0])
-    parser = Parser(prog=f"dino-fast {name}", description=module.HELP)
-    module.add_arguments(parser)
+    module, parser = build_parser(name)
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(module.run(args) or 0)

@@ -52,15 +52,19 @@ class Parser(argparse.ArgumentParser):
         return {opt for a in self._actions if _is_bool_action(a) for opt in a.option_strings}
 
     def _normalise(self, argv: list[str]) -> list[str]:
-        """`--flag` not followed by a true/false word becomes `--flag true`, so a bare
-        boolean flag never swallows the positional argument after it."""
+        """In a parser with positional arguments, a bare boolean `--flag` followed by a
+        word that is not true/false becomes `--flag true`, so it never swallows the
+        positional after it. (Without positionals such a word is a bad value, and
+        argparse names the flag.)"""
+        if not any(not a.option_strings for a in self._actions):
+            return argv
         bools, out = self._bool_options(), []
         for i, tok in enumerate(argv):
             out.append(tok)
-            if tok in bools:
-                nxt = argv[i + 1] if i + 1 < len(argv) else None
-                if nxt is None or nxt.lower() not in TRUE_WORDS + FALSE_WORDS:
-                    out.append("true")
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if tok in bools and nxt is not None and not nxt.startswith("-") \
+                    and nxt.lower() not in TRUE_WORDS + FALSE_WORDS:
+                out.append("true")
         return out
 
     def option_names(self) -> list[str]:

@@ -436,7 +436,8 @@ def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, studen
     cfg = _TEACHER_CFG
     _teacher_stats_kernel[plan["grid_t"]](
         t_ptr=teacher, c_ptr=center, part_ptr=part_t, colpart_ptr=colpart, n_rows=rows_t, K=K,
-        chunk=plan["chunk_t"], n_chunks=plan["nch_t"], inv_tt=inv_tt, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        chunk=plan["chunk_t"], n_chunks=plan["nch_t"], inv_tt=inv_tt, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     lse_t = torch.empty(rows_t, **f32)
     tsum = torch.empty((plan["n_tf"], 4), **f32)
@@ -452,7 +453,8 @@ def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, studen
     cfg = plan["cfg_s"]
     _student_fwd_kernel[plan["grid_s"]](
         s_ptr=student, t_ptr=teacher, c_ptr=center, lse_t_ptr=lse_t, part_ptr=part_s, B=B, K=K, ncrops=ncrops,
-        n_tv=n_tv, chunk=plan["chunk_s"], n_chunks=plan["nch_s"], inv_ts=inv_ts, inv_tt=inv_tt, BLOCK_T=cfg["BLOCK_T"], BLOCK_L=cfg["BLOCK_L"], BLOCK_K=cfg["BLOCK_K"],
+        n_tv=n_tv, chunk=plan["chunk_s"], n_chunks=plan["nch_s"], inv_ts=inv_ts, inv_tt=inv_tt,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_L=cfg["BLOCK_L"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     lse_s = torch.empty(VB, **f32)
@@ -464,7 +466,7 @@ def _triton_forward(student, teacher, center, ncrops, n_tv, teacher_temp, studen
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     loss = torch.empty((), **f32)
-    stats = torch.empty(5, **f32)
+    stats = torch.empty(len(STAT_NAMES), **f32)
     cfg = _LOSS_CFG
     _loss_kernel[(1,)](tsum_ptr=tsum, ssum_ptr=ssum, loss_ptr=loss, stats_ptr=stats, n_t=plan["n_tf"],
                        n_s=plan["n_sf"], n_trows=rows_t, n_srows=VB, n_pairs=_n_pairs(ncrops, n_tv), B=B,

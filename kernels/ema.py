@@ -319,7 +319,8 @@ def _ema_triton_(teacher: list[torch.Tensor], student: list[torch.Tensor], m, im
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for g in groups:  # usually one group: one launch
             _ema_kernel[(g.nblocks,)](table_ptr=g.table, t_ref=ts[g.t_index], s_ref=ss[g.t_index],
-                                      mom_ptr=mom_ptr, mom=mom, one_minus_mom=one_minus, BLOCK=BLOCK, MOM_FROM_PTR=from_ptr, ALIGNED=g.aligned,
+                                      mom_ptr=mom_ptr, mom=mom, one_minus_mom=one_minus, BLOCK=BLOCK,
+                                      MOM_FROM_PTR=from_ptr, ALIGNED=g.aligned,
                                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 

@@ -16,13 +16,14 @@ HELP = "benchmark the hot paths against their references"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the records as JSON")
+    from dino_fast.flags import add_bool_argument
+    add_bool_argument(parser, "--json", help="print the records as JSON")
     parser.add_argument("--output", default=os.path.join("output", "bench"),
                         help="directory for bench.json and bench.png (default ./output/bench)")
     parser.add_argument("--cases", default=None,
                         help="comma-separated subset of: dino_loss, ema, model_fwd_bwd, pipeline_epoch, "
                              "train_step, knn (default: all)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes even on a GPU")
+    add_bool_argument(parser, "--smoke", help="tiny shapes even on a GPU")
 
 
 def _row(rec: dict) -> list[str]:

@@ -21,10 +21,11 @@ COLUMNS = ("kernel", "dtype", "config", "arch", "regs/thread", "spill B", "smem 
 
 
 def add_arguments(parser) -> None:
+    from dino_fast.flags import add_bool_argument
     parser.add_argument("--arch", default=None,
                         help="comma-separated targets among sm_80, sm_90, sm_100 (default: sm_80,sm_90 "
                              "and sm_100 where the bundled ptxas supports it)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_bool_argument(parser, "--json", help="print the report as JSON")
     parser.add_argument("--max-spill-bytes", type=int, default=0,
                         help="spill budget per thread, stores + loads (default 0: no spills)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),

@@ -21,7 +21,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dino_fast.eval.cli_common import USER_ERRORS, cache_dir, fail, pick_device
-    from dino_fast.eval.data import eval_transform, train_val_folders
+    from dino_fast.eval.data import eval_datasets
     from dino_fast.eval.features import dataset_features
     from dino_fast.eval.io import atomic_write_json
     from dino_fast.eval.knn import format_table, knn_evaluate
@@ -31,7 +31,7 @@ def run(args) -> int:
         device = pick_device(args.device)
         if min(args.nb_knn) < 1 or args.temperature <= 0:
             raise ValueError("--nb_knn values must be >= 1 and --temperature > 0")
-        train_ds, val_ds = train_val_folders(args.data_path, eval_transform(args.resize, args.crop))
+        train_ds, val_ds = eval_datasets(args.data_path, args.resize, args.crop)
         model, cfg = load_with_config(args.checkpoint, args.checkpoint_key, arch=args.arch,
                                       patch_size=args.patch_size, attention=args.attention, device=device)
         if max(args.nb_knn) > len(train_ds):

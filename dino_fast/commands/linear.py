@@ -10,13 +10,14 @@ HELP = "linear probe on frozen features"
 
 def add_arguments(parser) -> None:
     from dino_fast.eval.cli_common import add_checkpoint_args, add_data_args
+    from dino_fast.flags import add_bool_argument
     add_checkpoint_args(parser)
     add_data_args(parser)
     g = parser.add_argument_group("linear probe")
     g.add_argument("--n_last_blocks", default=None, type=int,
                    help="concatenate the CLS tokens of the last n blocks (default: 4, ViT-B: 1)")
-    g.add_argument("--avgpool_patchtokens", default=None, choices=("true", "false"),
-                   help="append the averaged patch tokens (default: false, ViT-B: true)")
+    add_bool_argument(g, "--avgpool_patchtokens", default=None,
+                      help="append the averaged patch tokens (default: false, ViT-B: true)")
     g.add_argument("--epochs", default=100, type=int, help="probe epochs (reference: 100)")
     g.add_argument("--lr", default=0.001, type=float,
                    help="base lr per 256 images; the step lr is lr * probe_batch_size / 256 (reference: 0.001)")
@@ -32,7 +33,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from dino_fast.eval.cli_common import USER_ERRORS, cache_dir, fail, pick_device
-    from dino_fast.eval.data import eval_transform, train_val_folders
+    from dino_fast.eval.data import eval_datasets
     from dino_fast.eval.features import dataset_features
     from dino_fast.eval.io import atomic_torch_save, atomic_write_json
     from dino_fast.eval.linear import DEFAULT_LR_GRID, default_probe_layout, linear_features, train_linear_probe
@@ -40,12 +41,12 @@ def run(args) -> int:
 
     try:
         device = pick_device(args.device)
-        train_ds, val_ds = train_val_folders(args.data_path, eval_transform(args.resize, args.crop))
+        train_ds, val_ds = eval_datasets(args.data_path, args.resize, args.crop)
         model, cfg = load_with_config(args.checkpoint, args.checkpoint_key, arch=args.arch,
                                       patch_size=args.patch_size, attention=args.attention, device=device)
         n_default, pool_default = default_probe_layout(cfg.embed_dim)
         n = args.n_last_blocks or n_default
-        pool = pool_default if args.avgpool_patchtokens is None else args.avgpool_patchtokens == "true"
+        pool = pool_default if args.avgpool_patchtokens is None else args.avgpool_patchtokens
         if not 1 <= n <= cfg.depth:
             raise ValueError(f"--n_last_blocks {n}: the model has {cfg.depth} blocks")
         if pool and n != 1:

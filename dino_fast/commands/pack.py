@@ -28,17 +28,18 @@ log = logging.getLogger("dino_fast.pack")
 
 
 def add_arguments(parser) -> None:
+    from dino_fast.flags import add_bool_argument
     parser.add_argument("src", help="ImageFolder tree, flat image folder or .txt file list")
     parser.add_argument("dst", help="output folder for the .tar shards (created)")
     parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed: shards mix classes (default 0)")
-    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    add_bool_argument(parser, "--no-shuffle", help="keep the source order")
     parser.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                         help="bad image: skip it with a warning (default) or stop")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing shards in DST")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the full decode of every image (faster; corrupt data may get packed)")
+    add_bool_argument(parser, "--overwrite", help="replace existing shards in DST")
+    add_bool_argument(parser, "--no-verify",
+                      help="skip the full decode of every image (faster; corrupt data may get packed)")
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:

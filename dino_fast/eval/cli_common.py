@@ -31,11 +31,14 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", required=True,
-                   help="folder with train/ and val/ ImageFolders (one subfolder per class)")
+                   help="folder with train/ and val/ ImageFolders (one subfolder per class), or 'demo': the "
+                        "demo images shipped in the package, split as the demo's k-NN (train / held-out)")
     g.add_argument("--batch_size", default=128, type=int, help="images per forward pass")
     g.add_argument("--num_workers", default=8, type=int, help="data loading processes")
-    g.add_argument("--resize", default=256, type=int, help="shorter side after Resize (bicubic; reference: 256)")
-    g.add_argument("--crop", default=224, type=int, help="CenterCrop size (reference: 224)")
+    g.add_argument("--resize", default=None, type=int,
+                   help="shorter side after Resize (bicubic; default and reference: 256)")
+    g.add_argument("--crop", default=None, type=int,
+                   help="CenterCrop size (default and reference: 224; --data_path demo: the image size, default 28)")
     g.add_argument("--cache_dir", default=None,
                    help="feature cache folder (default ~/.cache/dino_fast/features; 'none' to disable)")
 

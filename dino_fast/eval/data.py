@@ -76,6 +76,21 @@ def train_val_folders(data_path: str, transform=None) -> tuple[datasets.ImageFol
     return train, val
 
 
+def eval_datasets(data_path: str, resize: int | None = None, crop: int | None = None):
+    """(train, val) datasets of the k-NN / linear commands. A folder: its train/ and
+    val/ ImageFolders under the reference eval transform (Resize `resize`, default 256,
+    CenterCrop `crop`, default 224). "demo": the demo's images with the demo k-NN's
+    split and input (`crop` px, default the demo preset's global crop size)."""
+    if data_path == "demo":
+        from dino_fast.train.demo import DemoImages
+        from dino_fast.train.presets import PRESETS
+        if resize is not None:
+            raise ValueError("--resize does not apply to --data_path demo (the demo images are fed at --crop px)")
+        size = crop or PRESETS["demo"]["global_size"]
+        return DemoImages("train", size), DemoImages("val", size)
+    return train_val_folders(data_path, eval_transform(resize or 256, crop or 224))
+
+
 def eval_loader(dataset, batch_size: int = 128, num_workers: int = 8,
                 device: torch.device | str = "cpu") -> torch.utils.data.DataLoader:
     """In-order loader (no shuffle, no dropped tail) for feature extraction."""

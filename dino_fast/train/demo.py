@@ -8,6 +8,7 @@ class) and 1,000 test images (100 per class) from Zalando's Fashion-MNIST
 """
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 
@@ -71,3 +72,28 @@ def knn_top1(backbone: torch.nn.Module, size: int, device, max_train: int = 0) -
     top1, _ = knn_classifier(train_f, torch.from_numpy(d["y_train"][:n]), test_f, torch.from_numpy(d["y_test"]),
                              KNN_K, KNN_T, num_classes=10)
     return float(top1)
+
+
+class DemoImages(torch.utils.data.Dataset):
+    """The demo images as a labelled dataset for the eval commands (`--data_path demo`):
+    split "train" is the 4,000 images the demo trains on (its k-NN's memory bank), "val"
+    the 1,000 held-out images its k-NN classifies; each item is fed as `knn_top1` feeds
+    it: (3, size, size) normalised float, label int."""
+
+    def __init__(self, split: str, size: int):
+        if split not in ("train", "val"):
+            raise ValueError(f"DemoImages: split must be 'train' or 'val', got {split!r}")
+        d = load_demo_arrays()
+        self.images, labels = (d["x_train"], d["y_train"]) if split == "train" else (d["x_test"], d["y_test"])
+        self.targets = [int(y) for y in labels]
+        self.size = size
+        self.root = f"{DATA_FILE}:{split}"           # names the data in the feature-cache key
+        with open(os.path.splitext(DATA_FILE)[0] + ".json") as f:
+            self.classes = list(json.load(f)["classes"])
+        self.transform = f"demo gray->RGB, bicubic {size}px, ImageNet normalisation"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return _to_input(self.images[i:i + 1], self.size)[0], self.targets[i]
