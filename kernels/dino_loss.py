@@ -98,6 +98,13 @@ def _online_update(m, l, a, x, mask):
 
 
 @triton.jit
+def _online_start(BLOCK: tl.constexpr):
+    """Empty running (max, sum-exp, shifted entropy sum) of BLOCK rows for `_online_update`."""
+    return (tl.full([BLOCK], -1.0e30, tl.float32), tl.zeros([BLOCK], tl.float32),
+            tl.zeros([BLOCK], tl.float32))
+
+
+@triton.jit
 def _teacher_stats_kernel(t_ptr, c_ptr, part_ptr, colpart_ptr, n_rows, K, chunk, n_chunks, inv_tt,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0)                       # row group
@@ -106,9 +113,7 @@ def _teacher_stats_kernel(t_ptr, c_ptr, part_ptr, colpart_ptr, n_rows, K, chunk,
     row_ok = rows < n_rows
     row_off = rows.to(tl.int64) * K            # int64: rows*K may pass 2^31
     col_base = g.to(tl.int64) * K
-    m = tl.full([BLOCK_R], -1.0e30, tl.float32)
-    l = tl.zeros([BLOCK_R], tl.float32)
-    a = tl.zeros([BLOCK_R], tl.float32)
+    m, l, a = _online_start(BLOCK_R)
     k_start = j * chunk
     k_end = tl.minimum(k_start + chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -198,10 +203,9 @@ def _store_part(part_ptr, rows, ok, j, n_chunks, stride, m, l, a, cross):
 # Q_v = Q - q_v) and the "other" views v = T + u (Q_v = Q), so the teacher tile
 # is only BLOCK_T rows high.
 @triton.jit
-def _student_fwd_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, part_ptr, B, K, ncrops, n_tv, chunk, n_chunks,
-                        inv_ts, inv_tt, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
+def _view_rows(b, B, K, ncrops, n_tv, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Rows of batch index b: teacher views i (t_ok), the student views paired with them
+    (g_ok; same rows g_rows, int64 offsets g_off), the other student views (o_ok, o_rows, o_off)."""
     i = tl.arange(0, BLOCK_T)
     t_ok = i < n_tv
     g_ok = t_ok & (i < ncrops)                 # student views paired with teacher view i
@@ -211,14 +215,19 @@ def _student_fwd_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, part_ptr, B, K, ncrops, 
     o_ok = u < ncrops - n_tv                   # the other student views
     o_rows = (n_tv + u) * B + b
     o_off = o_rows.to(tl.int64) * K
+    return t_ok, g_ok, g_rows, g_off, o_ok, o_rows, o_off
+
+
+@triton.jit
+def _student_fwd_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, part_ptr, B, K, ncrops, n_tv, chunk, n_chunks,
+                        inv_ts, inv_tt, BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    t_ok, g_ok, g_rows, g_off, o_ok, o_rows, o_off = _view_rows(b, B, K, ncrops, n_tv, BLOCK_T, BLOCK_L)
     lse_t = tl.load(lse_t_ptr + g_rows, mask=t_ok, other=0.0)
-    mg = tl.full([BLOCK_T], -1.0e30, tl.float32)
-    lg = tl.zeros([BLOCK_T], tl.float32)
-    ag = tl.zeros([BLOCK_T], tl.float32)
+    mg, lg, ag = _online_start(BLOCK_T)
     cg = tl.zeros([BLOCK_T], tl.float32)      # <Q_v, x_v>
-    mo = tl.full([BLOCK_L], -1.0e30, tl.float32)
-    lo = tl.zeros([BLOCK_L], tl.float32)
-    ao = tl.zeros([BLOCK_L], tl.float32)
+    mo, lo, ao = _online_start(BLOCK_L)
     co = tl.zeros([BLOCK_L], tl.float32)
     k_start = j * chunk
     k_end = tl.minimum(k_start + chunk, K)
@@ -298,15 +307,7 @@ def _student_grad_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, lse_s_ptr, grad_ptr, go
                          BLOCK_T: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
     j = tl.program_id(1)
-    i = tl.arange(0, BLOCK_T)
-    t_ok = i < n_tv
-    g_ok = t_ok & (i < ncrops)
-    g_rows = i * B + b
-    g_off = g_rows.to(tl.int64) * K
-    u = tl.arange(0, BLOCK_L)
-    o_ok = u < ncrops - n_tv
-    o_rows = (n_tv + u) * B + b
-    o_off = o_rows.to(tl.int64) * K
+    t_ok, g_ok, g_rows, g_off, o_ok, o_rows, o_off = _view_rows(b, B, K, ncrops, n_tv, BLOCK_T, BLOCK_L)
     lse_t = tl.load(lse_t_ptr + g_rows, mask=t_ok, other=0.0)
     lse_g = tl.load(lse_s_ptr + g_rows, mask=g_ok, other=0.0)
     lse_o = tl.load(lse_s_ptr + o_rows, mask=o_ok, other=0.0)
