@@ -98,6 +98,13 @@ def _online_update(m, l, a, x, mask):
 
 
 @triton.jit
+def _chunk_range(j, chunk, K):
+    """Columns [k_start, k_end) of K chunk j."""
+    k_start = j * chunk
+    return k_start, tl.minimum(k_start + chunk, K)
+
+
+@triton.jit
 def _online_start(BLOCK: tl.constexpr):
     """Empty running (max, sum-exp, shifted entropy sum) of BLOCK rows for `_online_update`."""
     return (tl.full([BLOCK], -1.0e30, tl.float32), tl.zeros([BLOCK], tl.float32),
@@ -114,8 +121,7 @@ def _teacher_stats_kernel(t_ptr, c_ptr, part_ptr, colpart_ptr, n_rows, K, chunk,
     row_off = rows.to(tl.int64) * K            # int64: rows*K may pass 2^31
     col_base = g.to(tl.int64) * K
     m, l, a = _online_start(BLOCK_R)
-    k_start = j * chunk
-    k_end = tl.minimum(k_start + chunk, K)
+    k_start, k_end = _chunk_range(j, chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k_end
@@ -229,8 +235,7 @@ def _student_fwd_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, part_ptr, B, K, ncrops, 
     cg = tl.zeros([BLOCK_T], tl.float32)      # <Q_v, x_v>
     mo, lo, ao = _online_start(BLOCK_L)
     co = tl.zeros([BLOCK_L], tl.float32)
-    k_start = j * chunk
-    k_end = tl.minimum(k_start + chunk, K)
+    k_start, k_end = _chunk_range(j, chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k_end
@@ -312,14 +317,13 @@ def _student_grad_kernel(s_ptr, t_ptr, c_ptr, lse_t_ptr, lse_s_ptr, grad_ptr, go
     lse_g = tl.load(lse_s_ptr + g_rows, mask=g_ok, other=0.0)
     lse_o = tl.load(lse_s_ptr + o_rows, mask=o_ok, other=0.0)
     scale = tl.load(go_ptr).to(tl.float32) * coef                 # grad_output / (P*B*tau_s)
-    k_start = j * chunk
-    k_end = tl.minimum(k_start + chunk, K)
+    k_start, k_end = _chunk_range(j, chunk, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k_end
+        gmask = g_ok[:, None] & col_ok[None, :]
         q, Q = _teacher_q_tile(t_ptr, c_ptr, lse_t, g_off, t_ok, cols, col_ok, inv_tt)
         # paired views: m_v = T - 1, Q_v = Q - q_v
-        gmask = g_ok[:, None] & col_ok[None, :]
         goffs = g_off[:, None] + cols[None, :]
         pg = tl.exp(tl.load(s_ptr + goffs, mask=gmask, other=0.0).to(tl.float32) * inv_ts - lse_g[:, None])
         dg = scale * ((n_tv - 1) * pg - (Q[None, :] - q))
