@@ -128,11 +128,15 @@ def _args_dict(args) -> dict:
         return {}
     flat = {}
     for k, v in args.items():
+        if k == "backbone_config":  # dino-fast's exact backbone record, kept whole
+            continue
         if isinstance(v, dict):
             flat.update({kk: vv for kk, vv in v.items() if kk not in flat})
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
             flat.update({kk: vv for kk, vv in asdict(v).items() if kk not in flat})
     flat.update({k: v for k, v in args.items() if not isinstance(v, dict)})
+    if isinstance(args.get("backbone_config"), dict):
+        flat["backbone_config"] = args["backbone_config"]
     return flat
 
 
@@ -245,6 +249,8 @@ def infer_config(sd: dict, args: dict | None = None, meta: dict | None = None, *
     args, meta, hints = args or {}, meta or {}, dict(hints or {})
     if meta.get("config"):
         cfg = BackboneConfig.from_dict(json.loads(meta["config"]))
+    elif isinstance(args.get("backbone_config"), dict):  # a dino-fast training checkpoint
+        cfg = BackboneConfig.from_dict(args["backbone_config"])
     elif hints.get("kind") == "convnet":
         if arch and is_vit(arch):
             raise CheckpointError(f"{path}: holds a convnet, not --arch {arch}; drop --arch or name the convnet")
@@ -299,7 +305,7 @@ def load_state_dict_strict(model: nn.Module, sd: dict, path: str = "checkpoint")
     model.load_state_dict(sd, strict=True)
 
 
-def _complete(model: nn.Module, sd: dict, cfg: BackboneConfig) -> dict:
+def complete_state_dict(model: nn.Module, sd: dict, cfg: BackboneConfig) -> dict:
     """Fill what a layout does not save: RoPE periods (timm's Eva recomputes them); drop a
     convnet's classifier (the backbone has none)."""
     own = model.state_dict()
@@ -330,7 +336,7 @@ def load_with_config(path: str, checkpoint_key: str = "teacher", *, arch: str | 
     model = cfg.build(attention=attention)
     if cfg.kind == "convnet":
         cfg.embed_dim = model.embed_dim
-    load_state_dict_strict(model, _complete(model, sd, cfg), str(path))
+    load_state_dict_strict(model, complete_state_dict(model, sd, cfg), str(path))
     log.info("%s: loaded %s (%s weights, %s layout)", path, cfg.name, checkpoint_key, cfg.layout)
     return model.to(device).eval(), cfg
 
