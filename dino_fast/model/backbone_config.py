@@ -128,7 +128,10 @@ def rope_params(periods: torch.Tensor) -> dict:
     if n < 2 or abs(float(p[0]) - 1.0) > 1e-3:
         return dict(rope_base=None, rope_min_period=float(p[0]), rope_max_period=float(p[-1]))
     base = float(p[-1]) ** (n / (n - 1))          # periods[n-1] = base^((n-1) / n); bf16 periods: ~0.4 %
-    if abs(round(base) - base) <= 1e-2 * base:    # released models use round bases (100)
+    nice = round(base, 1 - int(math.floor(math.log10(base))))  # 2 significant digits: 100, 10000
+    if abs(nice - base) <= 1e-2 * base:           # a round base (released: 100), also from bf16 periods
+        base = float(nice)
+    elif abs(round(base) - base) <= 1e-4 * base:  # fp32 periods: the integer base
         base = float(round(base))
     return dict(rope_base=base)
 

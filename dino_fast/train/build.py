@@ -114,14 +114,23 @@ def shard(model: nn.Module, world_size: int, device: torch.device, policy, teach
     return model
 
 
+def sync_batchnorm(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (statistics over all ranks, as the reference) with more than one
+    process. SyncBatchNorm runs on GPUs only: CPU (gloo) runs keep per-rank statistics (warned)."""
+    from dino_fast.model.convnet import has_batchnorms
+    if world_size == 1 or not has_batchnorms(model):
+        return model
+    if device.type != "cuda":
+        log.warning("batch norm statistics stay per process: SyncBatchNorm needs CUDA devices")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def prepare(cfg, student: nn.Module, teacher: nn.Module, device: torch.device, world_size: int,
             use_fsdp: bool):
     """Move to device, shard (FSDP2) or keep plain, compile; returns (student, teacher, autocast, scaler)."""
     policy, autocast, scaler = mixed_precision(cfg, device, use_fsdp)
-    from dino_fast.model.convnet import has_batchnorms
-    if world_size > 1 and has_batchnorms(student):  # the reference: BN statistics over all ranks
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student, teacher = sync_batchnorm(student, world_size, device), sync_batchnorm(teacher, world_size, device)
     student, teacher = student.to(device), teacher.to(device)
     if use_fsdp:
         student = shard(student, world_size, device, policy)
