@@ -88,8 +88,11 @@ class BackboneConfig:
         from dino_fast.model.vit import VisionTransformer
         kw = self.vit_kwargs()
         kw.update(overrides)
-        return VisionTransformer(num_classes=0, norm_layer=partial(nn.LayerNorm, eps=self.norm_eps),
-                                 attention=attention, **kw)
+        model = VisionTransformer(num_classes=0, norm_layer=partial(nn.LayerNorm, eps=self.norm_eps),
+                                  attention=attention, **kw)
+        if self.arch:
+            model.arch = self.arch
+        return model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,7 +183,7 @@ def infer_from_state_dict(sd: dict, hints: dict | None = None, num_heads: int | 
     if rope:
         cfg.pos_embed, cfg.norm_eps = "rope", 1e-5
         cfg.mask_k_bias = cfg.qkv_bias
-        if periods is not None:
+        if periods is not None and periods.device.type != "meta":
             cfg.rope_base = None
             cfg.__dict__.update(rope_params(periods))
     else:

@@ -57,7 +57,9 @@ def build_vit(arch: str, patch_size: int = 16, *, norm_eps: float = 1e-6, **kwar
     kw = dict(embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
               ffn_layer=a.ffn_layer, qkv_bias=True)
     kw.update(kwargs)
-    return VisionTransformer(patch_size=patch_size, norm_layer=partial(nn.LayerNorm, eps=norm_eps), **kw)
+    model = VisionTransformer(patch_size=patch_size, norm_layer=partial(nn.LayerNorm, eps=norm_eps), **kw)
+    model.arch = arch
+    return model
 
 
 def build_backbone(arch: str, patch_size: int = 16, **kwargs) -> nn.Module:

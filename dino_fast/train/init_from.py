@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 class InitSource:
     path: str
     config: BackboneConfig
-    backbone: dict          # backbone state dict in dino-fast's layout
+    backbone: dict | None   # backbone state dict in dino-fast's layout (None: the architecture only)
     head: dict | None       # the DINO head's state dict, when the file has one
+
+    def architecture_only(self) -> "InitSource":
+        """The same architecture without weights (`--dry_run` builds on the meta device)."""
+        return InitSource(self.path, self.config, None, None)
 
 
 def read_init(path: str, checkpoint_key: str = "teacher") -> InitSource:
@@ -44,7 +48,8 @@ def read_init(path: str, checkpoint_key: str = "teacher") -> InitSource:
 def load_backbone(backbone: nn.Module, init: InitSource, img_size: int) -> None:
     """Load the weights, then store a learned position embedding resized for img_size crops."""
     from dino_fast.eval.load import complete_state_dict, load_state_dict_strict
-    load_state_dict_strict(backbone, complete_state_dict(backbone, init.backbone, init.config), init.path)
+    if init.backbone is not None:
+        load_state_dict_strict(backbone, complete_state_dict(backbone, init.backbone, init.config), init.path)
     if getattr(backbone, "pos_embed", None) is not None:
         before = backbone.patch_embed.img_size
         backbone.resize_pos_embed(img_size)
