@@ -324,3 +324,17 @@ def test_rope_periods_read_back():
     got = rope_params(p)
     assert got["rope_base"] is None and math.isclose(got["rope_min_period"], 2.0) and \
         math.isclose(got["rope_max_period"], 100.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3_qkvb",
+                                  "vit_small_plus_patch16_dinov3"])
+def test_to_timm_builds_the_matching_timm_model(name, tmp_path):
+    from dino_fast.model.timm_interop import timm_model_name, to_timm
+    kw, sizes = {**DINOV2, **DINOV3}[name]
+    t = make_timm(name, **kw)
+    m = dino_fast.load(save(t.state_dict(), tmp_path / "t.pth"))
+    assert timm_model_name(m) == name
+    h, w = sizes[0]
+    back = to_timm(m, img_size=h).eval()
+    x = torch.randn(2, 3, h, w)
+    assert rel_err(timm_cls(back, x), timm_cls(t, x)) < 1e-5

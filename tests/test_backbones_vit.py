@@ -292,3 +292,45 @@ def test_activation_checkpointing_with_rope_augmentation_same_gradients():
     mc(crops).square().sum().backward()
     for (n, p), q in zip(m.named_parameters(), mc.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), n
+
+
+def _fsdp2_worker(rank, world_size, out_path):
+    """FSDP2 (bf16 parameters) over a RoPE + registers ViT and a ResNet through build.shard's units."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from dino_fast.model.convnet import fsdp_units
+    torch.manual_seed(0)
+    model = dm.vit_tiny(patch_size=8, depth=2, attention="sdpa", pos_embed="rope", num_register_tokens=4,
+                        layerscale_init=0.5)
+    want_model = copy.deepcopy(model).eval()
+    dtypes = []
+    model.blocks[0].attn.register_forward_pre_hook(lambda mod, args: dtypes.append(args[3].cos.dtype))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for unit in fsdp_units(model):
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    torch.manual_seed(1)
+    crops = [torch.randn(2, 3, 24, 24), torch.randn(2, 3, 24, 24), torch.randn(2, 3, 16, 16)]
+    out = model.eval()(crops).float()
+    out.sum().backward()
+    conv = dm.build_backbone("resnet18")
+    conv_want = copy.deepcopy(conv)
+    for unit in fsdp_units(conv):
+        fully_shard(unit)
+    fully_shard(conv)
+    x = torch.randn(2, 3, 32, 32)
+    conv_out = conv(x)
+    conv_out.sum().backward()
+    if rank == 0:
+        torch.save({"out": out.detach(), "want": want_model(crops).detach(), "dtypes": dtypes,
+                    "conv": conv_out.detach(), "conv_want": conv_want(x).detach()}, out_path)
+
+
+def test_fsdp2_rope_registers_and_convnet(tmp_path):
+    from tests._dist import run_distributed
+    path = str(tmp_path / "fsdp.pt")
+    run_distributed(_fsdp2_worker, path, world_size=2)
+    res = torch.load(path)
+    assert res["dtypes"] == [torch.float32]       # the RoPE tables are not cast to bf16 by FSDP2
+    assert res["out"].shape == (6, 192) and rel_err(res["out"], res["want"]) < 3e-2
+    assert rel_err(res["conv"], res["conv_want"]) < 1e-5
