@@ -20,6 +20,10 @@ _EXPORTS = {
     "vit_tiny": "dino_fast.model",
     "vit_small": "dino_fast.model",
     "vit_base": "dino_fast.model",
+    "vit_large": "dino_fast.model",
+    "vit_giant2": "dino_fast.model",
+    "vit_7b": "dino_fast.model",
+    "build_backbone": "dino_fast.model",
     "load": "dino_fast.eval.load",
 }
 

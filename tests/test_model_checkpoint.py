@@ -136,7 +136,9 @@ def test_timm_export_at_another_size():
 
 
 def test_from_timm_refuses_timm_only_layers():
-    with pytest.raises(ValueError, match="reg_token"):
-        from_timm_state_dict({"reg_token": torch.zeros(1, 4, 384), "norm.weight": torch.ones(384)})
+    # registers convert now (tests/test_backbones_timm.py); layers with no counterpart are refused
+    with pytest.raises(ValueError, match="fc_norm"):
+        from_timm_state_dict({"fc_norm.weight": torch.ones(384), "norm.weight": torch.ones(384),
+                              "pos_embed": torch.zeros(1, 5, 384), "reg_token": torch.zeros(1, 4, 384)})
     out = from_timm_state_dict({"head.weight": torch.zeros(10, 384), "norm.weight": torch.ones(384)})
     assert list(out) == ["norm.weight"]

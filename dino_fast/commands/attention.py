@@ -36,6 +36,8 @@ def run(args) -> int:
         device = pick_device(args.device)
         model, cfg = load_with_config(args.checkpoint, args.checkpoint_key, arch=args.arch,
                                       patch_size=args.patch_size, attention=args.attention, device=device)
+        if cfg.kind == "convnet":
+            raise ValueError(f"{args.checkpoint} holds a convnet ({cfg.arch}): attention maps need a ViT")
     except USER_ERRORS as e:
         return fail("attention", e)
     threshold = args.threshold if args.threshold and args.threshold > 0 else None

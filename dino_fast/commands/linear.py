@@ -47,7 +47,9 @@ def run(args) -> int:
         n_default, pool_default = default_probe_layout(cfg.embed_dim)
         n = args.n_last_blocks or n_default
         pool = pool_default if args.avgpool_patchtokens is None else args.avgpool_patchtokens
-        if not 1 <= n <= cfg.depth:
+        if cfg.kind == "convnet":  # the pooled features, as the reference's ResNet probe
+            n, pool = 1, False
+        elif not 1 <= n <= cfg.depth:
             raise ValueError(f"--n_last_blocks {n}: the model has {cfg.depth} blocks")
         if pool and n != 1:
             raise ValueError("--avgpool_patchtokens true needs --n_last_blocks 1 (the reference's layout)")
@@ -55,8 +57,9 @@ def run(args) -> int:
         return fail("linear", e)
     lr_grid = None if args.lr_grid is None else (args.lr_grid or list(DEFAULT_LR_GRID))
     print(f"{args.checkpoint}: {cfg.name} ({args.checkpoint_key}); {len(train_ds)} train / {len(val_ds)} val "
-          f"images, {len(train_ds.classes)} classes; features: CLS of the last {n} block(s)"
-          f"{' + avg-pooled patch tokens' if pool else ''}")
+          f"images, {len(train_ds.classes)} classes; features: "
+          + ("the pooled convnet features" if cfg.kind == "convnet" else
+             f"CLS of the last {n} block(s){' + avg-pooled patch tokens' if pool else ''}"))
     print("note: train features are computed once without augmentation (the reference re-augments every "
           "epoch with RandomResizedCrop + flip); expect accuracies close to, not equal to, the reference protocol")
 

@@ -56,7 +56,8 @@ def run(args) -> int:
     if cfg.dry_run:
         return _dry_run(cfg)
     from dino_fast.train.loop import TrainingStopped, train
-    print(f"dino-fast train: preset {cfg.preset or '(none)'}, {cfg.arch}/{cfg.patch_size}, data {cfg.data_path}, "
+    arch = f"init from {cfg.init_from}" if cfg.init_from else f"{cfg.arch}/{cfg.patch_size}"
+    print(f"dino-fast train: preset {cfg.preset or '(none)'}, {arch}, data {cfg.data_path}, "
           f"{cfg.epochs} epochs, output {cfg.output_dir}", file=sys.stderr)
     t0 = time.time()
     try:
@@ -89,16 +90,28 @@ def run(args) -> int:
 
 
 def _dry_run(cfg) -> int:
-    """Build the student, print its parameter count and the memory plan, train nothing."""
+    """Build the student on the meta device (no memory: a ViT-7B is counted too), print its
+    parameter count and the memory plan, train nothing."""
     import os
+
+    import torch
+
     from dino_fast.train.build import build_network
     from dino_fast.runtime.memory import format_plan, memory_plan_from_config
-    student = build_network(cfg, student=True)
+    init = None
+    if cfg.init_from:
+        from dino_fast.train.init_from import read_init
+        init = read_init(cfg.init_from, cfg.init_from_key).architecture_only()
+    with torch.device("meta"):
+        student = build_network(cfg, student=True, init=init)
     n_params = sum(p.numel() for p in student.parameters())
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    plan = memory_plan_from_config(cfg, world_size=world, gpu_memory=cfg.gpu_memory or None)
-    print(f"dry run: {cfg.arch}/{cfg.patch_size} student built with {n_params:,} parameters "
+    from dino_fast.model.backbone_config import config_from_model
+    name = config_from_model(student.backbone).name
+    print(f"dry run: {name} student built with {n_params:,} parameters "
           f"(backbone {sum(p.numel() for p in student.backbone.parameters()):,}, head "
           f"{sum(p.numel() for p in student.head.parameters()):,}); world size {world}")
+    plan = memory_plan_from_config(cfg, world_size=world, gpu_memory=cfg.gpu_memory or None,
+                                   backbone=student.backbone)
     print(format_plan(plan))
     return 0

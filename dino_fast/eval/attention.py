@@ -85,7 +85,8 @@ def attention_maps(model: torch.nn.Module, image: torch.Tensor, patch_size: int,
     attn = attn[0].float()                                                  # (heads, L, L)
     nh = attn.shape[0]
     cls_row = attn[:, 0]                                                    # (heads, L)
-    patches = cls_row[:, 1:].reshape(nh, h * w)                             # (heads, N)
+    prefix = getattr(model, "num_prefix_tokens", 1)                         # CLS + registers
+    patches = cls_row[:, prefix:].reshape(nh, h * w)                        # (heads, N)
     masks = None
     if threshold is not None:
         if not 0.0 < threshold <= 1.0:

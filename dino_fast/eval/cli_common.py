@@ -20,8 +20,10 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         "backbone (reference / timm .pth) or a .safetensors export")
     g.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
                    help="which network of a training checkpoint (default: teacher, as the paper)")
-    g.add_argument("--arch", default=None, choices=("vit_tiny", "vit_small", "vit_base"),
-                   help="checked against the checkpoint (read from it when omitted)")
+    g.add_argument("--arch", default=None,
+                   help="a ViT (vit_small, vit_large, ...) is checked against the checkpoint (read from it when "
+                        "omitted); a convnet (resnet50, convnext_small, timm:<name>) names the architecture of a "
+                        "bare convnet state dict")
     g.add_argument("--patch_size", default=None, type=int,
                    help="checked against the checkpoint (read from it when omitted)")
     g.add_argument("--attention", default="auto", help="attention backend (auto, sdpa, math, ...)")

@@ -42,11 +42,16 @@ def default_probe_layout(embed_dim: int) -> tuple[int, bool]:
 
 def linear_features(model: nn.Module, images: torch.Tensor, n_last_blocks: int = 4,
                     avgpool_patchtokens: bool = False) -> torch.Tensor:
-    """The reference eval_linear.py features: (B, n*D) or (B, 2D) with avgpool."""
+    """The reference eval_linear.py features: (B, n*D) or (B, 2D) with avgpool (the patch
+    tokens only: registers are left out, as DINOv2's linear eval); a convnet's pooled
+    features (B, F), as the reference does for ResNets."""
+    if not hasattr(model, "get_intermediate_layers"):
+        return model(images)                                               # (B, F)
     intermediate = model.get_intermediate_layers(images, n_last_blocks)   # n x (B, L, D)
     output = torch.cat([x[:, 0] for x in intermediate], dim=-1)            # (B, n*D)
     if avgpool_patchtokens:
-        pooled = intermediate[-1][:, 1:].mean(dim=1)                       # (B, D)
+        prefix = getattr(model, "num_prefix_tokens", 1)                    # CLS + registers
+        pooled = intermediate[-1][:, prefix:].mean(dim=1)                  # (B, D)
         output = torch.cat((output.unsqueeze(-1), pooled.unsqueeze(-1)), dim=-1)  # (B, D, 2), n == 1
         output = output.reshape(output.shape[0], -1)                       # (B, 2D) interleaved
     return output

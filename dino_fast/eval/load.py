@@ -1,19 +1,22 @@
-"""`dino_fast.load(path)`: the ViT backbone of any checkpoint dino-fast reads.
+"""`dino_fast.load(path)`: the backbone of any checkpoint dino-fast reads.
 
-Formats (detected from the content, not the file name):
+Containers (detected from the content, not the file name):
 - full training checkpoints, dino-fast's or the reference main_dino.py's:
   {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", ...} with
   keys prefixed `module.` / `backbone.` / `head.` (the head is dropped);
-- the reference backbone-only format (what its hubconf models load): a plain
-  state dict with the reference's parameter names;
-- a timm state dict (`dino-fast export --format timm`);
+  DINOv2 / DINOv3 teacher checkpoints ({"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}},
+  or flat "teacher.backbone.*" keys);
+- a plain backbone state dict: the reference DINO's, the official DINOv2 / DINOv3 ones, timm's
+  VisionTransformer (DINO, DINOv2, DINOv2 reg4) or Eva (DINOv3) models (dino_fast.model.formats),
+  or a torchvision / timm convnet's;
 - safetensors with the model config in the metadata (`--format safetensors`);
 - a torch.distributed.checkpoint folder (sharded training checkpoint).
 
-The architecture comes from the safetensors metadata, else the checkpoint's
-`args`, else the tensor shapes: embed_dim from pos_embed, depth from the block
-count, patch size from patch_embed.proj.weight, MLP ratio from mlp.fc1, heads
-from the standard ViT table (tiny 3, small 6, base 12) or `num_heads=`.
+The architecture comes from the safetensors metadata, else the tensors and the source layout's
+conventions (dino_fast.model.backbone_config), refined by a dino-fast checkpoint's `args`;
+`num_heads=` / `arch=` override or check. A convnet is named by the checkpoint's `args.arch`,
+by `arch=`, or recognised (torchvision ResNets). The returned backbone's `forward(x)` is the CLS
+token after the final norm (a ViT) or the pooled features (a convnet).
 """
 from __future__ import annotations
 
@@ -21,58 +24,22 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
-import re
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 
+from dino_fast.model.backbone_config import BackboneConfig, CheckpointError, infer_from_state_dict
+
 log = logging.getLogger(__name__)
 
 SAFETENSORS_FORMAT = "dino_fast.backbone.v1"
-# embed_dim -> (arch name, heads) of the standard DINO ViTs
-STANDARD_ARCHS = {192: ("vit_tiny", 3), 384: ("vit_small", 6), 768: ("vit_base", 12), 1024: ("vit_large", 16)}
 _PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "backbone.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not match the model."""
-
-
-@dataclass
-class BackboneConfig:
-    """Everything needed to rebuild a DINO ViT backbone."""
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    img_size: int = 224
-    arch: str | None = None
-
-    def build(self, attention: str = "auto") -> nn.Module:
-        from dino_fast.model import VisionTransformer
-        return VisionTransformer(
-            img_size=[self.img_size], patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-            num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, num_classes=0,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), attention=attention)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackboneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @property
-    def name(self) -> str:
-        base = self.arch or f"vit_d{self.embed_dim}x{self.depth}"
-        return f"{base}/{self.patch_size}"
+_HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
+# what a dino-fast training config fixes that the tensors cannot tell (TrainConfig field names)
+_TRAIN_ONLY_FIELDS = ("pos_interp", "norm_eps", "rope_normalize_coords", "rope_base", "rope_min_period",
+                      "rope_max_period")
 
 
 # ---------------------------------------------------------------- reading files
@@ -161,11 +128,15 @@ def _args_dict(args) -> dict:
         return {}
     flat = {}
     for k, v in args.items():
+        if k == "backbone_config":  # dino-fast's exact backbone record, kept whole
+            continue
         if isinstance(v, dict):
             flat.update({kk: vv for kk, vv in v.items() if kk not in flat})
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
             flat.update({kk: vv for kk, vv in asdict(v).items() if kk not in flat})
     flat.update({k: v for k, v in args.items() if not isinstance(v, dict)})
+    if isinstance(args.get("backbone_config"), dict):
+        flat["backbone_config"] = args["backbone_config"]
     return flat
 
 
@@ -174,28 +145,20 @@ def _is_state_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def strip_prefixes(state_dict: dict) -> dict:
-    """Drop wrapper prefixes (`module.`, `_orig_mod.`, FSDP, `backbone.`) and
-    the DINO projection head (`head.*`), as the reference's loaders do."""
+def _strip_wrappers(state_dict: dict) -> dict:
     from dino_fast.model.checkpoint import strip_prefixes as strip
     sd = strip(state_dict, _PREFIXES)
-    return {k.replace("._orig_mod.", ".").replace("._checkpoint_wrapped_module.", "."): v
-            for k, v in sd.items() if not k.startswith("head.")}
+    return {k.replace("._orig_mod.", ".").replace("._checkpoint_wrapped_module.", "."): v for k, v in sd.items()}
 
 
-def _from_timm(state_dict: dict, path: str) -> dict:
-    """timm -> reference names (the model's timm interop: the key sets are
-    identical for a token-pool DINO ViT; timm-only layers are refused)."""
-    from dino_fast.model.timm_interop import from_timm_state_dict
-    try:
-        return from_timm_state_dict(state_dict)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop wrapper prefixes (`module.`, `_orig_mod.`, FSDP, `backbone.`) and
+    the projection heads (`head.*`, DINOv2's `dino_head.*` / `ibot_head.*`), as the reference's loaders do."""
+    return {k: v for k, v in _strip_wrappers(state_dict).items() if not k.startswith(_HEAD_PREFIXES)}
 
 
-def backbone_state_dict(obj, checkpoint_key: str = "teacher", path: str = "checkpoint") -> tuple[dict, dict]:
-    """(backbone state dict with reference names, checkpoint args) from the
-    raw content of any supported checkpoint."""
+def _network(obj, checkpoint_key: str, path: str) -> tuple[dict, dict]:
+    """(the tensors of one network, unstripped, checkpoint args) of any container."""
     args = {}
     if isinstance(obj, dict) and not _is_state_dict(obj):
         args = _args_dict(obj.get("args", obj.get("config")))
@@ -211,7 +174,7 @@ def backbone_state_dict(obj, checkpoint_key: str = "teacher", path: str = "check
                     sd = obj[key]
                     break
             else:
-                raise CheckpointError(f"{path}: not a ViT checkpoint: top-level keys {sorted(obj)[:8]}; "
+                raise CheckpointError(f"{path}: not a ViT checkpoint (nor a convnet one): top-level keys {sorted(obj)[:8]}; "
                                       f"expected 'teacher'/'student' (training checkpoint) or a backbone state dict")
         # a model wrapped once more (e.g. {"teacher": {"model": {...}}})
         if not _is_state_dict(sd) and isinstance(sd, dict) and len(sd) == 1:
@@ -222,54 +185,103 @@ def backbone_state_dict(obj, checkpoint_key: str = "teacher", path: str = "check
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict; "
                               "save the model's state_dict() (or export it with `dino-fast export`)")
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return _from_timm(strip_prefixes(sd), path), args
+    # DINOv2 / DINOv3 SSLMetaArch state dicts: "student.backbone.*", "teacher.backbone.*" in one dict
+    if sd and all(k.startswith(("student.", "teacher.", "gram_teacher.")) for k in sd):
+        pre = checkpoint_key + "."
+        if not any(k.startswith(pre) for k in sd):
+            raise CheckpointError(f"{path}: has no {checkpoint_key!r} weights; pass --checkpoint_key student")
+        sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    return sd, args
+
+
+def backbone_state_dict(obj, checkpoint_key: str = "teacher", path: str = "checkpoint") -> tuple[dict, dict, dict]:
+    """(backbone state dict in dino-fast's layout, checkpoint args, config hints of the source
+    layout) from the raw content of any supported checkpoint."""
+    from dino_fast.model.formats import to_internal
+    sd, args = _network(obj, checkpoint_key, path)
+    sd = strip_prefixes(sd)
+    if _is_convnet_state_dict(sd):
+        return sd, args, {"kind": "convnet", "layout": "convnet"}
+    sd, hints = to_internal(sd, path)
+    return sd, args, hints
+
+
+def head_state_dict(obj, checkpoint_key: str = "teacher", path: str = "checkpoint") -> dict | None:
+    """The DINO projection head of a training checkpoint (`head.*`, DINOv2's `dino_head.*`), or None."""
+    try:
+        sd, _ = _network(obj, checkpoint_key, path)
+    except CheckpointError:
+        return None
+    sd = _strip_wrappers(sd)
+    for pre in ("head.", "dino_head."):
+        head = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        if head and any(k.startswith("last_layer.") for k in head):
+            return head
+    return None
+
+
+def _is_convnet_state_dict(sd: dict) -> bool:
+    return "patch_embed.proj.weight" not in sd and "cls_token" not in sd and any(v.dim() == 4 for v in sd.values())
+
+
+def _convnet_config(sd: dict, args: dict, arch: str | None, path: str) -> BackboneConfig:
+    from dino_fast.model.convnet import detect_resnet
+    from dino_fast.model.registry import is_vit
+    name = arch or (args.get("arch") if args.get("arch") and not is_vit(args["arch"]) else None) or detect_resnet(sd)
+    if not name:
+        raise CheckpointError(f"{path}: a convnet state dict without its architecture name; pass --arch "
+                              "(a torchvision or timm model name, e.g. resnet50, convnext_small)")
+    return BackboneConfig(kind="convnet", arch=name, patch_size=0, depth=0, num_heads=0, embed_dim=0,
+                          layout="convnet")
+
+
+def _is_train_config(args: dict) -> bool:
+    """A dino-fast TrainConfig (it records what the tensors cannot tell)."""
+    return "pos_interp" in args and "num_register_tokens" in args
 
 
 def infer_config(sd: dict, args: dict | None = None, meta: dict | None = None, *, path: str = "checkpoint",
-                 arch: str | None = None, patch_size: int | None = None,
-                 num_heads: int | None = None) -> BackboneConfig:
-    """Backbone config from safetensors metadata, checkpoint args and shapes;
-    user overrides (arch, patch_size, num_heads) are checked against shapes."""
-    args, meta = args or {}, meta or {}
+                 arch: str | None = None, patch_size: int | None = None, num_heads: int | None = None,
+                 hints: dict | None = None) -> BackboneConfig:
+    """Backbone config from safetensors metadata, tensors + source-layout hints and checkpoint
+    args; user overrides (arch, patch_size, num_heads) are checked against the weights."""
+    from dino_fast.model.registry import VIT_ARCHS, is_vit
+    args, meta, hints = args or {}, meta or {}, dict(hints or {})
     if meta.get("config"):
         cfg = BackboneConfig.from_dict(json.loads(meta["config"]))
+    elif isinstance(args.get("backbone_config"), dict):  # a dino-fast training checkpoint
+        cfg = BackboneConfig.from_dict(args["backbone_config"])
+    elif hints.get("kind") == "convnet":
+        if arch and is_vit(arch):
+            raise CheckpointError(f"{path}: holds a convnet, not --arch {arch}; drop --arch or name the convnet")
+        return _convnet_config(sd, args, arch, path)
     else:
-        missing = [k for k in ("pos_embed", "patch_embed.proj.weight") if k not in sd]
-        if missing:
-            raise CheckpointError(f"{path}: no ViT backbone weights (missing {missing}; first keys: "
-                                  f"{sorted(sd)[:5]}). Expected a DINO ViT checkpoint")
-        w = sd["patch_embed.proj.weight"]              # (D, 3, p, p)
-        D = sd["pos_embed"].shape[-1]
-        depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-        npatch = sd["pos_embed"].shape[1] - 1
-        fc1 = sd.get("blocks.0.mlp.fc1.weight")
-        std_arch, std_heads = STANDARD_ARCHS.get(D, (None, None))
-        heads = num_heads or args.get("num_heads") or std_heads or max(1, D // 64)
-        cfg = BackboneConfig(
-            patch_size=int(w.shape[-1]), embed_dim=int(D), depth=depth, num_heads=int(heads),
-            mlp_ratio=(fc1.shape[0] / D) if fc1 is not None else 4.0,
-            qkv_bias="blocks.0.attn.qkv.bias" in sd,
-            img_size=int(round(math.sqrt(npatch))) * int(w.shape[-1]),
-            arch=args.get("arch") if args.get("arch") in ("vit_tiny", "vit_small", "vit_base") else std_arch)
-        if num_heads is None and not args.get("num_heads") and std_heads is None:
-            log.warning("%s: embed_dim %d is not a standard ViT; assuming %d heads (pass num_heads= to override)",
-                        path, D, cfg.num_heads)
+        heads = num_heads or args.get("num_heads")
+        cfg = infer_from_state_dict(sd, hints, heads, path)
+        if _is_train_config(args):
+            from dino_fast.model.backbone_config import train_fields
+            fixed = train_fields(args)
+            cfg.__dict__.update({k: v for k, v in fixed.items() if k in _TRAIN_ONLY_FIELDS or k == "mask_k_bias"})
+        if is_vit(str(args.get("arch"))) and VIT_ARCHS[args["arch"]].embed_dim == cfg.embed_dim:
+            cfg.arch = args["arch"]
     if num_heads is not None and num_heads != cfg.num_heads:
         cfg.num_heads = int(num_heads)
-    if cfg.embed_dim % cfg.num_heads:
+    if cfg.kind == "vit" and cfg.embed_dim % cfg.num_heads:
         raise CheckpointError(f"{path}: embed_dim {cfg.embed_dim} is not divisible by {cfg.num_heads} heads; "
                               "pass the right num_heads")
-    if patch_size is not None and int(patch_size) != cfg.patch_size:
+    if patch_size is not None and cfg.kind == "vit" and int(patch_size) != cfg.patch_size:
         raise CheckpointError(f"{path}: the checkpoint has patch size {cfg.patch_size}, not --patch_size "
                               f"{patch_size}; drop --patch_size (it is read from the checkpoint)")
     if arch:
-        want = {v[0]: k for k, v in STANDARD_ARCHS.items()}.get(arch)
-        if want is None:
-            raise CheckpointError(f"--arch {arch!r} is not a ViT dino-fast builds (vit_tiny, vit_small, vit_base)")
-        if want != cfg.embed_dim:
+        if cfg.kind == "convnet":
+            if arch != cfg.arch:
+                raise CheckpointError(f"{path}: the checkpoint is a {cfg.arch}, not --arch {arch}; drop --arch")
+        elif not is_vit(arch):
+            raise CheckpointError(f"{path}: holds a ViT (embed_dim {cfg.embed_dim}), not --arch {arch}; drop --arch")
+        elif VIT_ARCHS[arch].embed_dim != cfg.embed_dim:
             raise CheckpointError(f"{path}: the checkpoint is a ViT with embed_dim {cfg.embed_dim} "
-                                  f"({cfg.arch or 'non-standard'}), not --arch {arch} (embed_dim {want}); "
-                                  "drop --arch (it is read from the checkpoint)")
+                                  f"({cfg.arch or 'non-standard'}), not --arch {arch} (embed_dim "
+                                  f"{VIT_ARCHS[arch].embed_dim}); drop --arch (it is read from the checkpoint)")
     return cfg
 
 
@@ -293,26 +305,49 @@ def load_state_dict_strict(model: nn.Module, sd: dict, path: str = "checkpoint")
     model.load_state_dict(sd, strict=True)
 
 
+def complete_state_dict(model: nn.Module, sd: dict, cfg: BackboneConfig) -> dict:
+    """Fill what a layout does not save: RoPE periods (timm's Eva recomputes them); drop a
+    convnet's classifier (the backbone has none)."""
+    own = model.state_dict()
+    sd = dict(sd)
+    if cfg.kind == "vit" and cfg.pos_embed == "rope" and "rope_embed.periods" not in sd:
+        sd["rope_embed.periods"] = own["rope_embed.periods"].clone()
+    if cfg.kind == "convnet":
+        dropped = [k for k in sd if k not in own and k.split(".")[0] in ("fc", "classifier", "head", "heads")]
+        for k in dropped:
+            sd.pop(k)
+        if dropped:
+            log.info("dropping the classifier %s of the convnet checkpoint", dropped)
+    return sd
+
+
 def load_with_config(path: str, checkpoint_key: str = "teacher", *, arch: str | None = None,
                      patch_size: int | None = None, num_heads: int | None = None, attention: str = "auto",
-                     device: torch.device | str = "cpu") -> tuple[nn.Module, BackboneConfig]:
-    """(backbone in eval mode on `device`, its config) from any checkpoint."""
+                     device: torch.device | str = "cpu",
+                     pos_interp: str | None = None) -> tuple[nn.Module, BackboneConfig]:
+    """(backbone in eval mode on `device`, its config) from any checkpoint. pos_interp overrides
+    how a learned position embedding is resized ("reference" | "antialias" | "size")."""
     obj, meta = read_checkpoint(path)
-    sd, args = backbone_state_dict(obj, checkpoint_key, str(path))
-    cfg = infer_config(sd, args, meta, path=str(path), arch=arch, patch_size=patch_size, num_heads=num_heads)
+    sd, args, hints = backbone_state_dict(obj, checkpoint_key, str(path))
+    cfg = infer_config(sd, args, meta, path=str(path), arch=arch, patch_size=patch_size, num_heads=num_heads,
+                       hints=hints)
+    if pos_interp is not None:
+        cfg.pos_interp = pos_interp
     model = cfg.build(attention=attention)
-    load_state_dict_strict(model, sd, str(path))
-    log.info("%s: loaded %s (%s weights)", path, cfg.name, checkpoint_key)
+    if cfg.kind == "convnet":
+        cfg.embed_dim = model.embed_dim
+    load_state_dict_strict(model, complete_state_dict(model, sd, cfg), str(path))
+    log.info("%s: loaded %s (%s weights, %s layout)", path, cfg.name, checkpoint_key, cfg.layout)
     return model.to(device).eval(), cfg
 
 
 def load(path: str, checkpoint_key: str = "teacher", **kwargs) -> nn.Module:
-    """The ViT backbone (eval mode) of a dino-fast or reference training
-    checkpoint, a reference/timm backbone state dict or an exported
-    safetensors file. kwargs: arch, patch_size, num_heads (checked against
-    the weights), attention backend, device."""
+    """The backbone (eval mode) of a dino-fast, reference DINO, DINOv2 or DINOv3 checkpoint, a
+    timm ViT / Eva or torchvision / timm convnet state dict, or an exported safetensors file.
+    kwargs: arch, patch_size, num_heads (checked against the weights), attention backend,
+    device, pos_interp."""
     return load_with_config(path, checkpoint_key, **kwargs)[0]
 
 
-__all__ = ["BackboneConfig", "CheckpointError", "backbone_state_dict", "infer_config", "load",
+__all__ = ["BackboneConfig", "CheckpointError", "backbone_state_dict", "head_state_dict", "infer_config", "load",
            "load_state_dict_strict", "load_with_config", "read_checkpoint", "strip_prefixes"]

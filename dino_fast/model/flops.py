@@ -1,14 +1,17 @@
-"""FLOP counts of the ViT and of a DINO step, for MFU (nanoGPT's estimate_mfu).
+"""FLOP counts of the backbones and of a DINO step, for MFU (nanoGPT's estimate_mfu).
 
-Forward FLOPs of one crop with L = 1 + (H//p)(W//p) tokens, width D, MLP
-hidden Hm, depth n (2 FLOPs per multiply-add, GEMMs and attention only; norms,
-softmax and GELU are O(L*D) and left out, as in the usual MFU convention):
-    patch embed  2 * (L-1) * (C*p*p) * D
-    per block    2*L*D*3D (qkv) + 2*L*D*D (proj) + 2*2*L*D*Hm (MLP)
-                 + 4 * L^2 * D (q k^T and attn @ v)
+ViT forward FLOPs of one crop with L = 1 + R + (H//p)(W//p) tokens (CLS, R registers, patches),
+width D, FFN hidden Hm, depth n (2 FLOPs per multiply-add, GEMMs and attention only; norms,
+softmax, GELU / SiLU, LayerScale and the RoPE rotation are O(L*D) and left out, as in the
+usual MFU convention):
+    patch embed  2 * (L-1-R) * (C*p*p) * D
+    per block    2*L*D*3D (qkv) + 2*L*D*D (proj) + 2*m*L*D*Hm (FFN: m = 2 matrices for the MLP,
+                 3 for SwiGLU) + 4 * L^2 * D (q k^T and attn @ v)
 ViT-B/8: 224 px -> L = 785, 156.4 GFLOP; 96 px -> L = 145, 25.5 GFLOP
-(attention 14.5 % / 3.1 % of them). A DINO step counts the student forward
-+ backward (3x forward) on every crop and the teacher forward on the globals.
+(attention 14.5 % / 3.1 % of them). Convnets: counted by torch.utils.flop_counter.FlopCounterMode
+on a meta-device copy of the model (convnet.convnet_forward_flops: convolutions and GEMMs, no
+memory, no fvcore). A DINO step counts the student forward + backward (3x forward) on every crop
+and the teacher forward on the globals.
 """
 from __future__ import annotations
 
@@ -20,17 +23,22 @@ def _hw(size) -> tuple[int, int]:
 
 
 def vit_forward_flops(model: nn.Module, size, *, attention: bool = True) -> float:
-    """Forward FLOPs of one crop of `size` (int or (H, W)) through the backbone."""
+    """Forward FLOPs of one crop of `size` (int or (H, W)) through the backbone (a convnet:
+    counted on the meta device)."""
+    from dino_fast.model.ffn import ffn_matmul_widths
     model = getattr(model, "_orig_mod", model)
+    h, w = _hw(size)
+    if not hasattr(model, "blocks"):
+        from dino_fast.model.convnet import convnet_forward_flops
+        return convnet_forward_flops(model.arch, h, w)
     p = model.patch_embed.patch_size
     c = model.patch_embed.proj.in_channels
     d = model.embed_dim
-    hidden = model.blocks[0].mlp.fc1.out_features
-    h, w = _hw(size)
+    mats, hidden = ffn_matmul_widths(model.blocks[0].mlp)
     npatch = (h // p) * (w // p)
-    L = npatch + 1
+    L = npatch + getattr(model, "num_prefix_tokens", 1)
     flops = 2.0 * npatch * c * p * p * d
-    per_block = 2.0 * L * d * (3 * d + d + 2 * hidden)
+    per_block = 2.0 * L * d * (3 * d + d + mats * hidden)
     if attention:
         per_block += 4.0 * L * L * d
     return flops + len(model.blocks) * per_block
@@ -73,3 +81,4 @@ def flops_per_image(model: nn.Module, global_size=224, local_size=96, n_global: 
         head = head if head is not None else model.head
         model = model.backbone
     return dino_step_flops_per_image(model, global_size, local_size, n_global, n_local, head=head)
+backbone_forward_flops = vit_forward_flops  # any backbone: ViT formula, convnet counted on meta

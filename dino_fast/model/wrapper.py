@@ -18,7 +18,8 @@ import torch.nn as nn
 class MultiCropWrapper(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module, packed: bool = True):
         super().__init__()
-        backbone.fc, backbone.head = nn.Identity(), nn.Identity()  # no ImageNet classifier, as the reference
+        if not getattr(backbone, "dino_headless", False):  # convnet.py removed the classifier already
+            backbone.fc, backbone.head = nn.Identity(), nn.Identity()  # no ImageNet classifier, as the reference
         self.backbone = backbone
         self.head = head
         self.packed = packed

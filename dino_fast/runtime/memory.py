@@ -40,6 +40,14 @@ Head / loss per image (K = out_dim): the fused loss (dino_fast.kernels.dino_loss
   allocator fragmentation - the safety margin (10 % + 1 GiB by default) is for those.
 `oom_error(exc, plan)` turns a CUDA out-of-memory error in a step into a message with these
 numbers and the three remedies with concrete values.
+
+Every backbone dino-fast builds is planned from the model itself, built on the meta device
+(dino_fast.model.shape; `backbone=` or memory_plan_from_config): exact parameter counts, and for a
+ViT L = 1 + registers + patches tokens, the FFN's saved activations (MLP: GELU input and output,
+a·2Hm; SwiGLU: gate, value, silu(gate) and their product, a·4H'), a·D per LayerScale (its input is
+saved for the gamma gradient), and with RoPE the fp32 cos/sin tables (2·4·head_dim per token, once
+per forward, per block with the coordinate augmentations on). A convnet's activations are what
+autograd saves for it on the meta device (fp32, scaled by a/4 for bf16/fp16; no checkpointing).
 """
 from __future__ import annotations
 
@@ -125,6 +133,7 @@ class PlanInputs:
     safety_frac: float = 0.10
     reserved_gib: float = 1.0
     input_batches_in_flight: int = 2
+    shape: object = None          # dino_fast.model.shape.BackboneShape; None: the reference ViT of `arch`
 
 
 @dataclass(frozen=True)
@@ -213,7 +222,7 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256, head_nlayers: int = 3,
                 optimizer: str = "adamw", attention: str = "auto", loss_impl: str = "auto",
                 img_size: int = 224, gpu_memory: float | None = None, safety_frac: float = 0.10,
-                reserved_gib: float = 1.0, input_batches_in_flight: int = 2) -> MemoryPlan:
+                reserved_gib: float = 1.0, input_batches_in_flight: int = 2, backbone=None) -> MemoryPlan:
     """Estimate the per-GPU memory of a DINO training step (see the module docstring).
 
     Args (names as the training config's fields):
@@ -229,8 +238,25 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
         gpu_memory: GiB of the GPU (None or 0: the visible GPU's, else 80).
         safety_frac, reserved_gib: usable = gpu_memory·(1 - safety_frac) - reserved_gib.
         input_batches_in_flight: micro-batches of crops on the GPU at once (current + prefetched).
+        backbone: the student backbone (a meta-device build is enough) for any architecture other
+            than the reference ViTs (registers, SwiGLU, RoPE, large ViTs, convnets); an arch of
+            dino_fast.model.registry with patch_size / depth is built on the meta device here.
     """
-    _arch(arch)                       # unknown arch -> a clear error before anything else
+    shape = None
+    if backbone is None and arch not in ARCHS:
+        from dino_fast.model.registry import is_vit
+        if not is_vit(arch):
+            _arch(arch)               # unknown arch -> a clear error before anything else
+        import torch
+        from dino_fast.model.registry import build_vit
+        with torch.device("meta"):
+            backbone = build_vit(arch, patch_size, **({"depth": depth} if depth else {}))
+    if backbone is not None:
+        from dino_fast.model.shape import backbone_shape
+        shape = backbone_shape(backbone)
+        arch, patch_size, depth = shape.arch, shape.patch_size, shape.units
+    else:
+        _arch(arch)
     depth = depth or 12
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"memory plan: precision {precision!r} is not bf16, fp16 or fp32")
@@ -247,7 +273,7 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
                         bool(activation_checkpointing), global_size, local_size, n_global, n_local,
                         grad_accum_steps, depth, use_bn_in_head, norm_last_layer, head_hidden_dim,
                         head_bottleneck_dim, head_nlayers, optimizer, attention, loss_impl, img_size,
-                        gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight)
+                        gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight, shape)
     return _plan(inputs)
 
 
@@ -257,15 +283,20 @@ def replan(plan: MemoryPlan, **changes) -> MemoryPlan:
 
 
 def _plan(x: PlanInputs) -> MemoryPlan:
-    d, heads = _arch(x.arch)
-    hidden = 4 * d
-    backbone = vit_param_count(x.arch, x.patch_size, x.depth, x.img_size)
+    sh = x.shape
+    if sh is None:  # the reference ViT of the table
+        d, heads = _arch(x.arch)
+        backbone = backbone_trainable = vit_param_count(x.arch, x.patch_size, x.depth, x.img_size)
+        p_block, units, prefix, ffn_saved, ls, rope_rows = 12 * d * d + 13 * d, x.depth, 1, 8 * d, False, 0
+    else:
+        d, heads, backbone, backbone_trainable = sh.embed_dim, sh.heads, sh.params, sh.params_trainable
+        p_block, units, prefix, ffn_saved, ls = sh.params_block, sh.units, sh.prefix, sh.ffn_saved, sh.layerscale
+        rope_rows = (sh.units if sh.rope_per_block else 1) if sh.rope else 0   # fp32 cos/sin table sets
     head_total, head_trainable = head_param_count(d, x.out_dim, x.use_bn_in_head, x.head_nlayers,
                                                   x.head_hidden_dim, x.head_bottleneck_dim)
     p_student = backbone + head_total
-    p_trainable = backbone + (head_trainable if x.norm_last_layer else head_total)
-    p_block = 12 * d * d + 13 * d
-    p_root = p_student - x.depth * p_block        # embeddings + final norm + head: FSDP2's root group
+    p_trainable = backbone_trainable + (head_trainable if x.norm_last_layer else head_total)
+    p_root = p_student - units * p_block          # embeddings + final norm + head: FSDP2's root group
 
     low = x.precision in ("bf16", "fp16")
     fsdp_bf16 = x.sharded and x.precision == "bf16"    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16)
@@ -299,20 +330,28 @@ def _plan(x: PlanInputs) -> MemoryPlan:
     for kind, size, count in (("global", x.global_size, x.n_global), ("local", x.local_size, x.n_local)):
         if count == 0:
             continue
-        tokens = (size // x.patch_size) ** 2 + 1
-        per_token = (2 * r + (13 + n_out) * a) * d + 16
-        transient_token = 8 * a * d
+        if sh is not None and sh.kind == "convnet":
+            from dino_fast.model.shape import convnet_saved_bytes
+            saved, largest = convnet_saved_bytes(sh.arch, size)
+            saved, largest = saved * a // 4, largest * a // 4
+            crops.append(CropActivations(kind, size, 0, count, saved=saved, saved_ckpt=saved, block=0,
+                                         transient=2 * largest))
+            continue
+        tokens = (size // x.patch_size) ** 2 + prefix
+        # LN inputs (r), LN outputs + qkv + attention output(s) (a), the FFN, LayerScale inputs, LN stats
+        per_token = (2 * r + (5 + n_out) * a) * d + ffn_saved * a + (2 * a * d if ls else 0) + 16
+        transient_token = ffn_saved * a
         if attn == "math":
             per_token += heads * tokens * (a + (4 if autocast else 0))
             transient_token += 2 * heads * tokens * a
         else:
             per_token += heads * 4
         block = tokens * per_token
-        embed = 3 * size * size * a
+        embed = 3 * size * size * a + rope_rows * tokens * 8 * (d // heads)   # + RoPE cos/sin tables (fp32)
         crops.append(CropActivations(
             kind, size, tokens, count,
-            saved=x.depth * block + embed,
-            saved_ckpt=x.depth * tokens * d * r + embed,
+            saved=units * block + embed,
+            saved_ckpt=units * tokens * d * r + embed,
             block=block, transient=tokens * transient_token))
 
     # ---- head, logits and loss per image --------------------------------------------------
@@ -339,10 +378,30 @@ def _plan(x: PlanInputs) -> MemoryPlan:
                       ncrops * head_row, loss_img, input_img, fixed, micro, total, usable)
 
 
+# the model fields of TrainConfig at the reference ViT's values: the table's formulas apply as they are
+_REFERENCE_VIT = dict(num_register_tokens=0, layerscale_init=0.0, ffn_layer="auto", pos_embed="learned",
+                      qkv_bias=True, mask_token=False, untie_global_and_local_cls_norm=False, init_from="")
+
+
+def _needs_model(cfg) -> bool:
+    return cfg.arch not in ARCHS or any(getattr(cfg, k, v) != v for k, v in _REFERENCE_VIT.items())
+
+
 def memory_plan_from_config(cfg, world_size: int = 1, sharded: bool | None = None,
-                            gpu_memory: float | None = None) -> MemoryPlan:
+                            gpu_memory: float | None = None, backbone=None) -> MemoryPlan:
     """The plan for a `dino_fast.train.config.TrainConfig` (field names as there).
-    sharded: FSDP2 on (default: cfg.fsdp == "on", or "auto" with world_size > 1)."""
+    sharded: FSDP2 on (default: cfg.fsdp == "on", or "auto" with world_size > 1).
+    backbone: the student backbone; by default built from cfg (or cfg.init_from's architecture)
+    on the meta device."""
+    if backbone is None and _needs_model(cfg):
+        import torch
+        from dino_fast.train.build import build_backbone
+        init = None
+        if getattr(cfg, "init_from", ""):
+            from dino_fast.train.init_from import read_init
+            init = read_init(cfg.init_from, cfg.init_from_key).architecture_only()
+        with torch.device("meta"):
+            backbone = build_backbone(cfg, True, init)
     if sharded is None:
         mode = getattr(cfg, "fsdp", "auto")
         sharded = mode == "on" or (mode == "auto" and world_size > 1)
@@ -358,7 +417,7 @@ def memory_plan_from_config(cfg, world_size: int = 1, sharded: bool | None = Non
         head_hidden_dim=getattr(cfg, "head_hidden_dim", 2048),
         head_bottleneck_dim=getattr(cfg, "head_bottleneck_dim", 256),
         optimizer=getattr(cfg, "optimizer", "adamw"), attention=getattr(cfg, "attention", "auto"),
-        loss_impl=getattr(cfg, "loss_impl", "auto"),
+        loss_impl=getattr(cfg, "loss_impl", "auto"), backbone=backbone,
         gpu_memory=gpu_memory if gpu_memory is not None else (getattr(cfg, "gpu_memory", 0) or None))
 
 
@@ -371,6 +430,18 @@ def _mib(n: float) -> str:
     return f"{n / MiB:9.1f}"
 
 
+def _model_name(x: PlanInputs) -> str:
+    sh = x.shape
+    if sh is not None and sh.kind == "convnet":
+        return f"{x.arch} (convnet, {sh.params / 1e6:.1f} M parameters)"
+    extras = []
+    if sh is not None:
+        extras += [f"{sh.prefix - 1} registers"] if sh.prefix > 1 else []
+        extras += ["RoPE"] if sh.rope else []
+        extras += ["LayerScale"] if sh.layerscale else []
+    return f"{x.arch}/{x.patch_size} (depth {x.depth}{''.join(', ' + e for e in extras)})"
+
+
 def format_plan(plan: MemoryPlan) -> str:
     """A plain-text table for `dino-fast train --dry_run`."""
     x = plan.inputs
@@ -378,7 +449,7 @@ def format_plan(plan: MemoryPlan) -> str:
         "replicated" + (f" on {x.world_size} GPUs" if x.world_size > 1 else ", one GPU"))
     acc = f" ({x.grad_accum_steps} micro-batches of {plan.micro_batch})" if x.grad_accum_steps > 1 else ""
     lines = [
-        f"Memory plan per GPU: {x.arch}/{x.patch_size} (depth {x.depth}), K = {x.out_dim}, {x.precision}, {shard}",
+        f"Memory plan per GPU: {_model_name(x)}, K = {x.out_dim}, {x.precision}, {shard}",
         f"  batch {x.batch_size_per_gpu} images per GPU{acc}; crops {x.n_global} x {x.global_size} px + "
         f"{x.n_local} x {x.local_size} px; attention {x.attention}; loss {x.loss_impl}; optimizer {x.optimizer}",
         "",
@@ -393,7 +464,8 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"  {'total':<56}{_gib(plan.state_bytes)}")
     lines += ["", f"{'activations per image (student, saved for backward)':<58}{'MiB':>9}{'MiB ckpt':>10}"]
     for c in plan.crops:
-        label = f"{c.count} x {c.kind} {c.size} px ({c.tokens} tokens), {_mib(c.saved).strip()} MiB each"
+        tokens = f" ({c.tokens} tokens)" if c.tokens else ""
+        label = f"{c.count} x {c.kind} {c.size} px{tokens}, {_mib(c.saved).strip()} MiB each"
         lines.append(f"  {label:<56}{_mib(c.count * c.saved)}{_mib(c.count * c.saved_ckpt):>10}")
     lines.append(f"  {'head + logits + loss (' + str(x.n_global + x.n_local) + ' crops x K)':<56}"
                  f"{_mib(plan.head_loss_per_image)}{_mib(plan.head_loss_per_image):>10}")

@@ -7,6 +7,10 @@ root) so each rank's teacher shard lines up with its student shard and the EMA
 runs on local shards without communication. Mixed precision is one policy,
 here: bf16 parameters for compute, fp32 gradient reduction, fp32 master
 weights (only on CUDA; CPU runs fp32).
+
+Backbones: the config's ViT (with its DINOv2 / DINOv3 options) or convnet, or with --init_from
+the architecture and weights of that file (init_from.py). Convnets run the reference's
+per-resolution loop, and their BatchNorm layers become SyncBatchNorm with more than one process.
 """
 from __future__ import annotations
 
@@ -19,31 +23,49 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def build_backbone(cfg, student: bool) -> nn.Module:
-    from dino_fast import model as models
-    kw = dict(patch_size=cfg.patch_size, attention=cfg.attention,
-              activation_checkpointing=cfg.activation_checkpointing and student)
+def build_backbone(cfg, student: bool, init=None) -> nn.Module:
+    """The backbone of `cfg`, or of the --init_from file (`init`: init_from.read_init) with its
+    weights. Student only: drop path (as the reference), RoPE coordinate augmentations (DINOv3's
+    teacher runs in eval mode, without them), activation checkpointing."""
+    from dino_fast.model.backbone_config import from_train
+    bcfg = init.config if init is not None else from_train(cfg)
+    kw = {}
     if student:
         kw["drop_path_rate"] = cfg.drop_path_rate  # stochastic depth on the student only, as the reference
-    if cfg.depth:
-        kw["depth"] = cfg.depth
-    return getattr(models, cfg.arch)(**kw)
+    if bcfg.kind == "vit":
+        kw["activation_checkpointing"] = cfg.activation_checkpointing and student
+        if student and bcfg.pos_embed == "rope":
+            kw.update(rope_shift_coords=cfg.rope_shift_coords or None,
+                      rope_jitter_coords=cfg.rope_jitter_coords or None,
+                      rope_rescale_coords=cfg.rope_rescale_coords or None)
+    backbone = bcfg.build(cfg.attention, **kw)
+    if init is not None:
+        from .init_from import load_backbone
+        load_backbone(backbone, init, cfg.global_size)
+    return backbone
 
 
-def build_network(cfg, student: bool = True) -> nn.Module:
-    """MultiCropWrapper(ViT, DINOHead) on the CPU in fp32 (the teacher: no drop path, and the
+def build_network(cfg, student: bool = True, init=None) -> nn.Module:
+    """MultiCropWrapper(backbone, DINOHead) on the CPU in fp32 (the teacher: no drop path, and the
     reference builds its head with norm_last_layer left at True)."""
     from dino_fast.model import DINOHead, MultiCropWrapper
-    backbone = build_backbone(cfg, student)
+    backbone = build_backbone(cfg, student, init)
     head = DINOHead(backbone.embed_dim, cfg.out_dim, use_bn=cfg.use_bn_in_head,
                     norm_last_layer=cfg.norm_last_layer if student else True,
                     hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim)
+    if init is not None:
+        from .init_from import load_head
+        load_head(head, init)
     return MultiCropWrapper(backbone, head)
 
 
 def build_pair(cfg) -> tuple[nn.Module, nn.Module]:
     """(student, teacher) on the CPU in fp32, teacher = student's weights, no grads."""
-    student, teacher = build_network(cfg, True), build_network(cfg, False)
+    init = None
+    if getattr(cfg, "init_from", ""):
+        from .init_from import read_init
+        init = read_init(cfg.init_from, cfg.init_from_key)
+    student, teacher = build_network(cfg, True, init), build_network(cfg, False, init)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -85,16 +107,30 @@ def shard(model: nn.Module, world_size: int, device: torch.device, policy, teach
     kw = dict(mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
     if teacher:
         kw["reshard_after_forward"] = True
-    for block in model.backbone.blocks:
+    from dino_fast.model.convnet import fsdp_units
+    for block in fsdp_units(model.backbone):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def sync_batchnorm(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (statistics over all ranks, as the reference) with more than one
+    process. SyncBatchNorm runs on GPUs only: CPU (gloo) runs keep per-rank statistics (warned)."""
+    from dino_fast.model.convnet import has_batchnorms
+    if world_size == 1 or not has_batchnorms(model):
+        return model
+    if device.type != "cuda":
+        log.warning("batch norm statistics stay per process: SyncBatchNorm needs CUDA devices")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def prepare(cfg, student: nn.Module, teacher: nn.Module, device: torch.device, world_size: int,
             use_fsdp: bool):
     """Move to device, shard (FSDP2) or keep plain, compile; returns (student, teacher, autocast, scaler)."""
     policy, autocast, scaler = mixed_precision(cfg, device, use_fsdp)
+    student, teacher = sync_batchnorm(student, world_size, device), sync_batchnorm(teacher, world_size, device)
     student, teacher = student.to(device), teacher.to(device)
     if use_fsdp:
         student = shard(student, world_size, device, policy)

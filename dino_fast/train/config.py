@@ -15,7 +15,12 @@ import os
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base")
+from dino_fast.model.registry import VIT_ARCHS
+
+ARCHS = tuple(VIT_ARCHS)  # the ViTs; any torchvision / timm classification model name is a convnet
+FFN_LAYERS = ("auto", "mlp", "swiglufused", "swiglu", "swiglu32", "swiglu64", "swiglu128")
+POS_EMBEDS = ("learned", "rope")
+POS_INTERPS = ("auto", "reference", "antialias", "size")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 PRECISIONS = ("bf16", "fp16", "fp32")
 
@@ -24,7 +29,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 class TrainConfig:
     # ---- the reference main_dino.py arguments (same names, same defaults) ----
     arch: str = "vit_small"
-    """Backbone: vit_tiny, vit_small or vit_base."""
+    """Backbone: a ViT (vit_tiny, vit_small, vit_base, vit_large, vit_so400m, vit_huge2, vit_giant2, vit_7b) or a convnet by torchvision / timm name (resnet50, convnext_small, timm:<name>)."""
     patch_size: int = 16
     """Patch size in pixels; smaller patches are more accurate and much slower."""
     out_dim: int = 65536
@@ -121,6 +126,42 @@ class TrainConfig:
     """auto (the local CUDA device, else CPU), cuda or cpu."""
     depth: int = 0
     """Transformer blocks of the backbone (0: the architecture's own; the demo uses fewer)."""
+    num_register_tokens: int = 0
+    """Register (DINOv2) / storage (DINOv3) tokens after CLS in every crop's row (0: none; DINOv2/v3 use 4)."""
+    layerscale_init: float = 0.0
+    """LayerScale on both residual branches of every block, gamma initialised to this (0: none; DINOv2/v3: 1e-5)."""
+    ffn_layer: str = "auto"
+    """Feed-forward layer: mlp, swiglufused (DINOv2 ViT-g: w12/w3), swiglu / swiglu32 / swiglu64 / swiglu128 (DINOv3: w1/w2/w3, hidden aligned); auto: the architecture's (swiglufused for vit_giant2, swiglu64 for vit_7b, else mlp)."""
+    qkv_bias: bool = True
+    """Bias on the qkv projection (the reference and DINOv2: on; DINOv3 7B: off). With RoPE its k third is held at 0, as DINOv3."""
+    pos_embed: str = "learned"
+    """Position embedding: learned (absolute, resized per crop size) or rope (DINOv3 rotary embedding on q/k, each crop on its own patch grid)."""
+    pos_interp: str = "auto"
+    """How a learned position embedding is resized to other crop sizes: reference (bicubic, scale (grid+0.1)/side), antialias (exact size, antialiased: DINOv2 with registers, timm), size (exact size); auto: antialias with registers, else reference."""
+    rope_base: float = 100.0
+    """RoPE period base (DINOv3: 100); ignored when rope_min_period and rope_max_period are both set."""
+    rope_min_period: float = 0.0
+    """RoPE smallest period, with rope_max_period instead of rope_base (0: use rope_base)."""
+    rope_max_period: float = 0.0
+    """RoPE largest period, with rope_min_period instead of rope_base (0: use rope_base)."""
+    rope_normalize_coords: str = "separate"
+    """RoPE patch coordinates in [-1, 1] normalised by each side (separate), the longer (max) or the shorter (min) side."""
+    rope_shift_coords: float = 0.0
+    """Student RoPE training augmentation: shift the coordinates by U(-s, s) per axis (0: off)."""
+    rope_jitter_coords: float = 0.0
+    """Student RoPE training augmentation: scale each axis by a log-uniform factor in [1/J, J] (0: off)."""
+    rope_rescale_coords: float = 0.0
+    """Student RoPE training augmentation: scale both axes by one log-uniform factor in [1/R, R] (0: off; DINOv3: 2)."""
+    norm_eps: float = 0.0
+    """LayerNorm epsilon (0: 1e-5 with RoPE as DINOv3, else 1e-6 as the reference and DINOv2)."""
+    untie_global_and_local_cls_norm: bool = False
+    """A separate final norm for the local crops' CLS and register tokens during training (DINOv3's untie_global_and_local_cls_norm)."""
+    mask_token: bool = False
+    """Give the ViT a learned mask token for masked-image modelling (the DINOv2 method's iBOT student)."""
+    init_from: str = ""
+    """Start student and teacher from this backbone (continued pretraining): any file dino_fast.load reads (dino-fast / reference / DINOv2 / DINOv3 checkpoints, timm state dicts, exports). Its architecture replaces arch and the model fields; its heads are loaded when it has them and they fit."""
+    init_from_key: str = "teacher"
+    """Which network of an --init_from training checkpoint: teacher or student."""
     head_hidden_dim: int = 2048
     """Hidden width of the DINO head MLP."""
     head_bottleneck_dim: int = 256
@@ -167,7 +208,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     def choice(name, options):
         if getattr(cfg, name) not in options:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r} is not one of: {', '.join(options)}")
-    choice("arch", ARCHS)
+    _check_arch(cfg.arch)
+    choice("ffn_layer", FFN_LAYERS)
+    choice("pos_embed", POS_EMBEDS)
+    choice("pos_interp", POS_INTERPS)
+    choice("rope_normalize_coords", ("separate", "min", "max"))
+    choice("init_from_key", ("teacher", "student"))
     choice("optimizer", OPTIMIZERS)
     choice("precision", PRECISIONS)
     choice("fsdp", ("auto", "on", "off"))
@@ -182,7 +228,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("local_crops_number", "warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer",
-                 "saveckp_freq", "num_workers", "depth", "max_images"):
+                 "saveckp_freq", "num_workers", "depth", "max_images", "num_register_tokens", "layerscale_init",
+                 "rope_min_period", "rope_max_period", "rope_shift_coords", "norm_eps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.batch_size_per_gpu % cfg.grad_accum_steps:
@@ -191,7 +238,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.warmup_epochs > cfg.epochs or cfg.warmup_teacher_temp_epochs > cfg.epochs:
         raise ConfigError(f"--warmup_epochs ({cfg.warmup_epochs}) and --warmup_teacher_temp_epochs "
                           f"({cfg.warmup_teacher_temp_epochs}) cannot exceed --epochs ({cfg.epochs})")
-    if min(cfg.global_size, cfg.local_size) < cfg.patch_size:
+    for name in ("rope_jitter_coords", "rope_rescale_coords"):
+        if getattr(cfg, name) and getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: a log-uniform range [1/x, x] needs x >= 1 (0: off)")
+    if bool(cfg.rope_min_period) != bool(cfg.rope_max_period):
+        raise ConfigError("--rope_min_period and --rope_max_period go together (both 0: use --rope_base)")
+    if cfg.pos_embed == "rope" and _is_vit(cfg.arch):
+        from dino_fast.model.registry import vit_arch
+        a = vit_arch(cfg.arch)
+        if (a.embed_dim // a.num_heads) % 4:
+            raise ConfigError(f"--pos_embed rope needs a head dim divisible by 4; {cfg.arch} has "
+                              f"{a.embed_dim // a.num_heads}")
+    if cfg.init_from and not os.path.exists(cfg.init_from):
+        raise ConfigError(f"--init_from {cfg.init_from!r} does not exist: give a checkpoint or exported backbone file")
+    if _is_vit(cfg.arch) and not cfg.init_from and min(cfg.global_size, cfg.local_size) < cfg.patch_size:
         raise ConfigError(f"crops of {min(cfg.global_size, cfg.local_size)} px are smaller than one patch "
                           f"({cfg.patch_size} px): raise --local_size/--global_size or lower --patch_size")
     if cfg.data_path != "demo" and not any(c in cfg.data_path for c in "*?[") and not os.path.exists(cfg.data_path):
@@ -199,6 +259,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "(ImageFolder or flat), a .txt file list, or webdataset .tar shards; "
                           "or use --data_path demo for the built-in demo images")
     return cfg
+
+
+def _is_vit(arch: str) -> bool:
+    return arch in ARCHS
+
+
+def _check_arch(arch: str) -> None:
+    """A ViT of the registry or a torchvision / timm convnet name."""
+    if _is_vit(arch):
+        return
+    from dino_fast.model.convnet import resolve_convnet
+    try:
+        resolve_convnet(arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

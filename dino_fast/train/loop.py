@@ -166,6 +166,8 @@ def train(cfg: TrainConfig) -> dict:
     # ============ models, loss, optimizer, schedules ============
     loader = build_loader(cfg, run)
     student, teacher = build_pair(cfg)
+    from dino_fast.model.backbone_config import config_from_model
+    run_args = {**to_dict(cfg), "backbone_config": config_from_model(student.backbone).to_dict()}  # exact, for load
     from dino_fast.model.flops import dino_step_flops_per_image
     flops_img = dino_step_flops_per_image(student.backbone, cfg.global_size, cfg.local_size, 2,
                                           cfg.local_crops_number, head=student.head)
@@ -227,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
         logger.epoch(rec)  # before the checkpoint: a resume drops log records past its position
         summary["epochs"].append(rec)
         keep = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
-        last_ckpt = checkpoint.save(cfg.output_dir, st, epoch=epoch + 1, it=it, args=to_dict(cfg),
+        last_ckpt = checkpoint.save(cfg.output_dir, st, epoch=epoch + 1, it=it, args=run_args,
                                     world_size=run.world_size, use_fsdp=run.use_fsdp, keep_copy=keep)
         log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, rec["loss"],
                  rec["img_s"], last_ckpt)
