@@ -17,35 +17,54 @@ def _save(img: Image.Image, path: str) -> None:
     os.replace(tmp, path)
 
 
-def line_chart(path: str, series: dict[str, Sequence[float]], title: str = "",
-               xlabel: str = "step", ylabel: str = "", size=(800, 480)) -> None:
-    """One line per named series, x = index, y auto-scaled."""
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 70, 20, 30, 40
+def _panel(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: dict[str, Sequence[float]],
+           xs: dict[str, Sequence[float]], x_range: tuple[float, float], title: str, xlabel: str, ylabel: str,
+           font) -> None:
+    """One chart in box (x0, y0, x1, y1) of the image: frame, y ticks, lines."""
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 70, x1 - 20, y0 + 30, y1 - 40
     values = [float(v) for s in series.values() for v in s if v == v]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    n = max((len(s) for s in series.values()), default=1)
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    xlo, xhi = x_range
+    d.rectangle([left, top, right, bottom], outline="black")
     for i in range(5):
-        y = top + (h - top - bottom) * i / 4
-        d.text((5, y - 6), f"{hi - (hi - lo) * i / 4:.4g}", fill="black", font=font)
-    d.text((w // 2 - 4 * len(title), 8), title, fill="black", font=font)
-    d.text((w // 2 - 4 * len(xlabel), h - 18), f"{xlabel} (0..{n - 1})", fill="black", font=font)
-    d.text((5, top - 22), ylabel, fill="black", font=font)
+        y = top + (bottom - top) * i / 4
+        d.text((x0 + 5, y - 6), f"{hi - (hi - lo) * i / 4:.4g}", fill="black", font=font)
+    d.text(((x0 + x1) // 2 - 4 * len(title), y0 + 8), title, fill="black", font=font)
+    d.text(((x0 + x1) // 2 - 4 * len(xlabel), y1 - 18), f"{xlabel} ({xlo:g}..{xhi:g})", fill="black", font=font)
+    d.text((x0 + 5, top - 22), ylabel, fill="black", font=font)
     for k, (name, ys) in enumerate(series.items()):
         color = _COLORS[k % len(_COLORS)]
-        pts = [(left + (w - left - right) * i / max(n - 1, 1),
-                top + (h - top - bottom) * (hi - float(y)) / (hi - lo)) for i, y in enumerate(ys)]
+        pts = [(left + (right - left) * (float(x) - xlo) / max(xhi - xlo, 1e-12),
+                top + (bottom - top) * (hi - float(y)) / (hi - lo)) for x, y in zip(xs[name], ys)]
         if len(pts) > 1:
             d.line(pts, fill=color, width=2)
-        elif pts:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
-        d.text((w - right - 160, top + 5 + 14 * k), name, fill=color, font=font)
+        if len(pts) < 30:   # sparse series (one point per evaluation): mark every point
+            for px, py in pts:
+                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+        d.text((right - 160, top + 5 + 14 * k), name, fill=color, font=font)
+
+
+def line_chart(path: str, series: dict[str, Sequence[float]], title: str = "",
+               xlabel: str = "step", ylabel: str = "", size=(800, 480), xs: dict[str, Sequence[float]] | None = None,
+               below: dict | None = None) -> None:
+    """One line per named series, y auto-scaled; x = the index, or xs[name].
+    below: a second panel under the first with the same x axis, given as
+    dict(series=..., xs=..., title=..., ylabel=...)."""
+    w, h = size
+    panels = [dict(series=series, xs=xs, title=title, ylabel=ylabel)] + ([below] if below else [])
+    for p in panels:
+        p["xs"] = {n: (p.get("xs") or {}).get(n, range(len(ys))) for n, ys in p["series"].items()}
+    allx = [float(x) for p in panels for v in p["xs"].values() for x in v]
+    x_range = (min(allx), max(allx)) if allx else (0.0, 1.0)
+    img = Image.new("RGB", (w, h * len(panels)), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, p in enumerate(panels):
+        _panel(d, (0, i * h, w, (i + 1) * h), p["series"], p["xs"], x_range, p.get("title", ""), xlabel,
+               p.get("ylabel", ""), font)
     _save(img, path)
 
 

@@ -85,6 +85,9 @@ def run(args) -> int:
     if "knn_before" in summary:
         print(f"teacher weighted 20-NN top-1 (T=0.07) on the demo test images: "
               f"{summary['knn_before']:.1f}% before training -> {summary['knn_after']:.1f}% after")
+    if summary.get("monitor"):
+        print("k-NN monitor (" + cfg.monitor_knn + "), top-1 after epoch: " + ", ".join(
+            f"{r['epoch'] + 1}: {r['monitor_knn_top1']:.1f}%" for r in summary["monitor"]))
     print(f"outputs in {cfg.output_dir}: checkpoint.pth, log.jsonl, loss_curve.png, config.json")
     return 0
 

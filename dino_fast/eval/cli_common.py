@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
-from dino_fast.eval.load import CheckpointError
-
-# Errors that are the user's input, reported in one line (no traceback).
-USER_ERRORS = (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError)
+def __getattr__(name: str):
+    # USER_ERRORS is built on first use, so `dino-fast <command> --help` does not import torch
+    if name == "USER_ERRORS":
+        from dino_fast.eval.load import CheckpointError
+        # Errors that are the user's input, reported in one line (no traceback).
+        return (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="feature cache folder (default ~/.cache/dino_fast/features; 'none' to disable)")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str):
+    """torch.device for --device (auto: cuda when available)."""
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

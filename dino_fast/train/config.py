@@ -174,6 +174,10 @@ class TrainConfig:
     """Use only the first N images of the data (0: all); for quick tries."""
     knn_eval: bool = True
     """For the demo data: print the teacher's weighted 20-NN accuracy before and after training."""
+    monitor_knn: str = ""
+    """Labelled ImageFolder with train/ and val/ (a small one): the teacher's weighted 20-NN top-1/top-5 on it every --monitor_every epochs, in log.jsonl and loss_curve.png ('' = off)."""
+    monitor_every: int = 1
+    """Epochs between two --monitor_knn evaluations (the last epoch is always evaluated)."""
 
 
 @lru_cache(maxsize=1)
@@ -258,6 +262,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--data_path {cfg.data_path!r} does not exist: point it at a folder of images "
                           "(ImageFolder or flat), a .txt file list, or webdataset .tar shards; "
                           "or use --data_path demo for the built-in demo images")
+    if cfg.monitor_every < 1:
+        raise ConfigError(f"--monitor_every must be >= 1 (epochs between two k-NN evaluations), got {cfg.monitor_every}")
+    if cfg.monitor_knn and not all(os.path.isdir(os.path.join(cfg.monitor_knn, d)) for d in ("train", "val")):
+        raise ConfigError(f"--monitor_knn {cfg.monitor_knn!r}: needs train/ and val/ ImageFolders (one subfolder "
+                          "per class) inside; a few thousand labelled images keep each evaluation short")
     return cfg
 
 

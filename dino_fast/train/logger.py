@@ -26,7 +26,9 @@ class RunLogger:
         self.path = os.path.join(output_dir, "log.jsonl")
         self.png = os.path.join(output_dir, "loss_curve.png")
         self.losses: list[float] = []
+        self.loss_its: list[int] = []          # the iteration of each logged loss (x of the curve)
         self.epoch_losses: list[float] = []
+        self.monitors: list[dict] = []         # k-NN monitor records (--monitor_knn)
         self._bar = None
         self._slow_data = 0
         self.warnings: list[str] = []
@@ -39,8 +41,10 @@ class RunLogger:
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(tmp, self.path)
-            self.losses = [r["loss"] for r in kept if r.get("type") == "step"]
+            steps = [r for r in kept if r.get("type") == "step"]
+            self.losses, self.loss_its = [r["loss"] for r in steps], [r.get("it", i) for i, r in enumerate(steps)]
             self.epoch_losses = [r["loss"] for r in kept if r.get("type") == "epoch"]
+            self.monitors = [r for r in kept if r.get("type") == "monitor"]
 
     # ---- progress bar ----
     def start_epoch(self, epoch: int) -> None:
@@ -70,6 +74,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.losses.append(record["loss"])
+        self.loss_its.append(record.get("it", len(self.loss_its)))
         self._write({"type": "step", **record})
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}",
@@ -84,11 +89,28 @@ class RunLogger:
         self._write({"type": "epoch", **record})
         self.plot()
 
+    def monitor(self, record: dict) -> None:
+        """One k-NN monitor record (type 'monitor'); redraws the curves."""
+        if not self.enabled:
+            return
+        record = {"type": "monitor", **record}
+        self.monitors.append(record)
+        self._write(record)
+        self.plot()
+
     def plot(self) -> None:
         from dino_fast.plot import line_chart
-        if self.losses:
-            line_chart(self.png, {"loss (per logging step)": self.losses}, title="DINO training loss",
-                       xlabel="logging step", ylabel="loss")
+        if not self.losses:
+            return
+        below = None
+        if self.monitors:   # the monitor's k-NN accuracy in a panel under the loss, same iteration axis
+            its = [r["it"] for r in self.monitors]
+            below = dict(series={"top-1": [r["monitor_knn_top1"] for r in self.monitors],
+                                 "top-5": [r["monitor_knn_top5"] for r in self.monitors]},
+                         xs={"top-1": its, "top-5": its}, ylabel="%",
+                         title=f"teacher weighted {self.monitors[-1].get('monitor_knn_k', 20)}-NN (--monitor_knn)")
+        line_chart(self.png, {"loss (per logging step)": self.losses}, title="DINO training loss",
+                   xlabel="iteration", ylabel="loss", xs={"loss (per logging step)": self.loss_its}, below=below)
 
     def _check_data_time(self, frac: float) -> None:
         self._slow_data = self._slow_data + 1 if frac > DATA_TIME_WARN else 0

@@ -192,6 +192,8 @@ def train(cfg: TrainConfig) -> dict:
                               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
     logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"),
                        resume_it=it)
+    from dino_fast.eval.monitor import KnnMonitor  # --monitor_knn: sharded teacher k-NN every N epochs
+    knn_monitor = KnnMonitor.from_config(cfg, run.rank, run.world_size, run.device) if cfg.monitor_knn else None
     from dino_fast.devices import bf16_peak_tflops
     peak = bf16_peak_tflops(run.device) * 1e12 * run.world_size
     imgs_per_step = cfg.batch_size_per_gpu * run.world_size
@@ -233,8 +235,11 @@ def train(cfg: TrainConfig) -> dict:
                                     world_size=run.world_size, use_fsdp=run.use_fsdp, keep_copy=keep)
         log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, rec["loss"],
                  rec["img_s"], last_ckpt)
+        if knn_monitor is not None and knn_monitor.due(epoch):  # every rank (sharded features); rank 0 logs
+            logger.monitor(knn_monitor.evaluate(st.teacher, st.autocast, epoch=epoch, it=it))
     if knn:
         summary["knn_after"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
     summary["warnings"] = logger.warnings
+    summary["monitor"] = list(logger.monitors)
     summary["step_losses"] = list(logger.losses)
     return summary
