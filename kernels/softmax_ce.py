@@ -84,7 +84,7 @@ def _teacher_tile(t_ptr, shift_ptr, t_off, lse_t, t_ok, cols, col_ok, inv_tt, IM
     q = tl.load(t_ptr + t_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if IMPLICIT:
         sh = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)                 # fp32, L2-resident
-        q = tl.where(mask, tl.exp(q * inv_tt + sh[None, :] - lse_t[:, None]), 0.0)
+        q = tl.exp(tl.where(mask, q * inv_tt + sh[None, :] - lse_t[:, None], float("-inf")))   # 0 on padding
     return q
 
 

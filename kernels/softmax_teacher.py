@@ -97,7 +97,7 @@ def _softmax_q_kernel(t_ptr, shift_ptr, lse_ptr, q_ptr, N, K, inv_temp,
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sh = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    tl.store(q_ptr + offs, tl.exp(t * inv_temp + sh[None, :] - lse[:, None]), mask=mask)
+    tl.store(q_ptr + offs, tl.exp(tl.where(mask, t * inv_temp + sh[None, :] - lse[:, None], 0.0)), mask=mask)
 
 
 # --------------------------------------------------------------------------- launch helpers
