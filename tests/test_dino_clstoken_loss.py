@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 
 from dino_fast.dinov2 import DINOLoss, SoftmaxTeacher
+from tests.conftest import requires_cuda
 
 IMPLS = ("triton", "torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
 K, B, TAU = 301, 3, 0.04
 
 
@@ -66,7 +68,7 @@ class DINOv2DINOLoss(nn.Module):
 
 def log_sinkhorn_float64(t, tau, n_iterations=3):
     x = t.double() / tau
-    lse = torch.zeros(x.shape[0], dtype=torch.float64)
+    lse = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for _ in range(n_iterations):
         v = -torch.logsumexp(x - lse[:, None], dim=0)
         lse = torch.logsumexp(x + v, dim=1)
@@ -75,9 +77,9 @@ def log_sinkhorn_float64(t, tau, n_iterations=3):
 
 def _crops(dtype=torch.float32, t_scale=2.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    teacher = (torch.randn(2 * B, K, generator=g) * t_scale).to(dtype)        # (2B, K) global crops
-    glob = (torch.randn(2 * B, K, generator=g) * 3).to(dtype)                 # (2B, K)
-    local = (torch.randn(8 * B, K, generator=g) * 3).to(dtype)                # (8B, K)
+    teacher = (torch.randn(2 * B, K, generator=g) * t_scale).to(DEVICE, dtype)   # (2B, K) global crops
+    glob = (torch.randn(2 * B, K, generator=g) * 3).to(DEVICE, dtype)            # (2B, K)
+    local = (torch.randn(8 * B, K, generator=g) * 3).to(DEVICE, dtype)           # (8B, K)
     return teacher, glob, local
 
 
@@ -92,12 +94,12 @@ def _dinov2_cls_loss(loss_fn, q, glob, local):
 
 
 def test_state_dict_matches_dinov2():
-    ours, theirs = DINOLoss(K), DINOv2DINOLoss(K)
+    ours, theirs = DINOLoss(K).to(DEVICE), DINOv2DINOLoss(K).to(DEVICE)
     assert ours.state_dict().keys() == theirs.state_dict().keys() == {"center"}
-    theirs.center = torch.randn(1, K)
+    theirs.center = torch.randn(1, K, device=DEVICE)
     ours.load_state_dict(theirs.state_dict())
     torch.testing.assert_close(ours.center, theirs.center)
-    back = DINOv2DINOLoss(K)
+    back = DINOv2DINOLoss(K).to(DEVICE)
     back.load_state_dict(ours.state_dict())
     assert ours.center.shape == (1, K) and ours.student_temp == 0.1 and ours.center_momentum == 0.9
 
@@ -105,7 +107,7 @@ def test_state_dict_matches_dinov2():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("materialize", [True, False])
 def test_softmax_centring_with_lazy_update(impl, materialize):
-    ours, ref = DINOLoss(K, impl=impl), DINOv2DINOLoss(K).double()
+    ours, ref = DINOLoss(K, impl=impl).to(DEVICE), DINOv2DINOLoss(K).double().to(DEVICE)
     for step in range(3):
         teacher, glob, local = _crops(seed=step)
         q = ours.softmax_center_teacher(teacher, TAU, materialize=materialize)
@@ -131,7 +133,7 @@ def test_softmax_centring_with_lazy_update(impl, materialize):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_dinov2_step_with_sinkhorn_knopp(impl, dtype):
     teacher, glob, local = _crops(dtype)
-    ours, ref = DINOLoss(K, impl=impl), DINOv2DINOLoss(K).double()
+    ours, ref = DINOLoss(K, impl=impl).to(DEVICE), DINOv2DINOLoss(K).double().to(DEVICE)
     q = ours.sinkhorn_knopp_teacher(teacher, TAU)
     q_ref = ref.sinkhorn_knopp_teacher(teacher.double(), TAU)
     assert q.dtype == torch.float32 and q.shape == (2 * B, K)
@@ -168,14 +170,14 @@ def test_dinov3_form(impl, ignore_diagonal):
     q = torch.softmax(teacher.double() / TAU, -1).view(2, B, K)
     for S, s in ((2, glob), (8, local)):
         s = s.view(S, B, K).clone().requires_grad_()
-        loss = DINOLoss(K, impl=impl)(student_logits=s, teacher_probs=q.float(), ignore_diagonal=ignore_diagonal)
+        loss = DINOLoss(K, impl=impl).to(DEVICE)(student_logits=s, teacher_probs=q.float(), ignore_diagonal=ignore_diagonal)
         loss.backward()
         # DINOv3: einsum over (s, t, b), diagonal pairs dropped, mean over the remaining terms
         s64 = s.detach().double().requires_grad_()
         lsm = torch.log_softmax(s64 / 0.1, -1)
         per_pair = -torch.einsum("sbk,tbk->st", lsm, q)
         d = min(S, 2) if ignore_diagonal else 0
-        keep = torch.ones(S, 2, dtype=torch.float64)
+        keep = torch.ones(S, 2, dtype=torch.float64, device=DEVICE)
         keep[range(d), range(d)] = 0
         ref = (per_pair * keep).sum() / (B * (S * 2 - d))
         ref.backward()
@@ -186,26 +188,60 @@ def test_dinov3_form(impl, ignore_diagonal):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sinkhorn_knopp_where_dinov2_overflows(impl):
     teacher, glob, local = _crops(t_scale=8.0)                 # |t| / tau ~ 900 (DINOv3-like head)
-    ref = DINOv2DINOLoss(K)                                      # fp32, as DINOv2 runs it
+    ref = DINOv2DINOLoss(K).to(DEVICE)                                      # fp32, as DINOv2 runs it
     q_ref = ref.sinkhorn_knopp_teacher(teacher, TAU)
     assert not torch.isfinite(q_ref).all()
     assert not torch.isfinite(_dinov2_cls_loss(ref, q_ref, glob, local))
-    ours = DINOLoss(K, impl=impl)
+    ours = DINOLoss(K, impl=impl).to(DEVICE)
     q = ours.sinkhorn_knopp_teacher(teacher, TAU)
     q64 = log_sinkhorn_float64(teacher, TAU)
     torch.testing.assert_close(q.double(), q64, rtol=0, atol=1e-4 * float(q64.max()))
     loss = _dinov2_cls_loss(ours, q, glob, local)
-    loss64 = _dinov2_cls_loss(DINOv2DINOLoss(K).double(), q64, glob.double(), local.double())
+    loss64 = _dinov2_cls_loss(DINOv2DINOLoss(K).double().to(DEVICE), q64, glob.double(), local.double())
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-4, atol=0)
 
 
 def test_arguments_are_checked():
-    loss = DINOLoss(K)
+    loss = DINOLoss(K).to(DEVICE)
     teacher, glob, _ = _crops()
     with pytest.raises(TypeError, match="pass the student logits"):
         loss(student_logits=glob.view(2, B, K))
     with pytest.raises(ValueError, match="student_logits must be \\(student crops, B, K\\)"):
-        loss(glob, torch.zeros(2, B, K))
+        loss(glob, torch.zeros(2, B, K, device=DEVICE))
     with pytest.raises(ValueError, match="impl must be one of"):
         DINOLoss(K, impl="fast")
+
+
+@requires_cuda
+def test_a_dinov2_loss_step_never_syncs_the_host():
+    # DINO + iBOT (Sinkhorn-Knopp and softmax centring, weights from the mask) + KoLeo,
+    # forward and backward, under CUDA's sync debug mode: any host sync raises
+    from dino_fast.dinov2 import KoLeoLoss, iBOTPatchLoss
+    dino, ibot, koleo = DINOLoss(K).cuda(), iBOTPatchLoss(K).cuda(), KoLeoLoss()
+    teacher, glob, local = _crops()
+    student = torch.cat([glob, local]).view(10, B, K).requires_grad_()
+    masks = torch.zeros(2 * B, 16, dtype=torch.bool, device="cuda")
+    masks[::2, :5] = True
+    n = 5 * B
+    t_patch, s_patch = teacher[:1].expand(n, K).contiguous(), glob[:1].expand(n, K).contiguous().requires_grad_()
+    cls = torch.randn(2 * B, 33, device="cuda", requires_grad=True)
+
+    def step():
+        q = dino.sinkhorn_knopp_teacher(teacher, TAU, materialize=False)
+        q_soft = dino.softmax_center_teacher(teacher, TAU, materialize=False)
+        dino.update_center(teacher)
+        qp = ibot.sinkhorn_knopp_teacher(t_patch, TAU, materialize=False)
+        loss = (dino(student, q, ignore_diagonal=True) + dino(student, q_soft)
+                + ibot.forward_masked(s_patch, qp, masks, n_masked_patches=n) + koleo(cls))
+        loss.backward()
+        return loss
+
+    step()                                         # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

@@ -14,6 +14,7 @@ from dino_fast.dinov2 import SoftmaxTeacher, iBOTPatchLoss
 from dino_fast.dinov2.ibot_patch_loss import masks_weight_from_masks
 
 IMPLS = ("triton", "torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
 IMAGES, P, K, TAU = 5, 13, 301, 0.04
 
 
@@ -75,8 +76,9 @@ def _batch(dtype=torch.float32, seed=0, t_scale=2.0):
     masks = torch.rand(IMAGES, P, generator=g) < 0.4
     masks[2] = False                                              # an image with no masked patch
     masks[0, :3] = True
-    s_all = (torch.randn(IMAGES, P, K, generator=g) * 3).to(dtype)
-    t_all = (torch.randn(IMAGES, P, K, generator=g) * t_scale).to(dtype)
+    s_all = (torch.randn(IMAGES, P, K, generator=g) * 3).to(DEVICE, dtype)
+    t_all = (torch.randn(IMAGES, P, K, generator=g) * t_scale).to(DEVICE, dtype)
+    masks = masks.to(DEVICE)
     idx = masks.flatten().nonzero().flatten()                     # DINOv2's mask_indices_list
     return masks, s_all, t_all, idx
 
@@ -92,9 +94,9 @@ def test_masks_weight_without_boolean_indexing():
 
 
 def test_state_dict_matches_dinov2():
-    ours, theirs = iBOTPatchLoss(K), DINOv2iBOTPatchLoss(K)
+    ours, theirs = iBOTPatchLoss(K).to(DEVICE), DINOv2iBOTPatchLoss(K).to(DEVICE)
     assert ours.state_dict().keys() == theirs.state_dict().keys() == {"center"}
-    theirs.center = torch.randn(1, 1, K)
+    theirs.center = torch.randn(1, 1, K, device=DEVICE)
     ours.load_state_dict(theirs.state_dict())
     torch.testing.assert_close(ours.center, theirs.center)
     assert ours.center.shape == (1, 1, K)
@@ -107,11 +109,11 @@ def test_forward_masked_with_sinkhorn_knopp(impl, dtype, given_weight):
     masks, s_all, t_all, idx = _batch(dtype)
     n = len(idx)
     upper = n + 4                                                 # DINOv2 pads the masked rows to an upper bound
-    s_rows = torch.cat([s_all.flatten(0, 1)[idx], torch.zeros(4, K, dtype=dtype)]).requires_grad_()  # (upper, K)
+    s_rows = torch.cat([s_all.flatten(0, 1)[idx], torch.zeros(4, K, dtype=dtype, device=DEVICE)]).requires_grad_()  # (upper, K)
     t_rows = t_all.flatten(0, 1)[idx]                             # (n, K)
     weight = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
-    ours, ref = iBOTPatchLoss(K, impl=impl), DINOv2iBOTPatchLoss(K).double()
-    q = ours.sinkhorn_knopp_teacher(t_rows, TAU, n_masked_patches_tensor=torch.tensor([n]))
+    ours, ref = iBOTPatchLoss(K, impl=impl).to(DEVICE), DINOv2iBOTPatchLoss(K).double().to(DEVICE)
+    q = ours.sinkhorn_knopp_teacher(t_rows, TAU, n_masked_patches_tensor=torch.tensor([n], device=DEVICE))
     q_ref = ref.sinkhorn_knopp_teacher(t_rows.double(), TAU, n)
     torch.testing.assert_close(q.double(), q_ref, rtol=0, atol=2e-5 * float(q_ref.max()))
     loss = ours.forward_masked(s_rows, q, student_masks_flat=masks, n_masked_patches=n,
@@ -124,7 +126,7 @@ def test_forward_masked_with_sinkhorn_knopp(impl, dtype, given_weight):
     assert _rel_grad(s_rows.grad, s64.grad) <= (2e-5 if dtype == torch.float32 else 1e-2)
     assert (s_rows.grad[n:] == 0).all()
     # the implicit teacher (never materialised) gives the same loss
-    implicit = ours.sinkhorn_knopp_teacher(t_rows, TAU, torch.tensor([n]), materialize=False)
+    implicit = ours.sinkhorn_knopp_teacher(t_rows, TAU, torch.tensor([n], device=DEVICE), materialize=False)
     assert isinstance(implicit, SoftmaxTeacher)
     loss2 = ours.forward_masked(s_rows, implicit, masks, n_masked_patches=n, masks_weight=weight)
     torch.testing.assert_close(loss2.double(), loss_ref.detach(), rtol=2e-5, atol=0)
@@ -134,7 +136,7 @@ def test_forward_masked_with_sinkhorn_knopp(impl, dtype, given_weight):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_forward_over_all_patches(impl):
     masks, s_all, t_all, _ = _batch()
-    ours, ref = iBOTPatchLoss(K, impl=impl), DINOv2iBOTPatchLoss(K).double()
+    ours, ref = iBOTPatchLoss(K, impl=impl).to(DEVICE), DINOv2iBOTPatchLoss(K).double().to(DEVICE)
     q = torch.softmax(t_all.double() / TAU, -1)
     s = s_all.clone().requires_grad_()
     loss = ours(s, q.float(), masks)
@@ -150,7 +152,7 @@ def test_forward_over_all_patches(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("materialize", [True, False])
 def test_softmax_centring_with_lazy_update(impl, materialize):
-    ours, ref = iBOTPatchLoss(K, impl=impl), DINOv2iBOTPatchLoss(K).double()
+    ours, ref = iBOTPatchLoss(K, impl=impl).to(DEVICE), DINOv2iBOTPatchLoss(K).double().to(DEVICE)
     for step in range(3):
         masks, s_all, t_all, idx = _batch(seed=step)
         n = len(idx)
@@ -179,9 +181,9 @@ def test_sinkhorn_knopp_where_dinov2_overflows(impl):
     masks, s_all, t_all, idx = _batch(t_scale=8.0)
     t_rows = t_all.flatten(0, 1)[idx]
     assert not torch.isfinite(DINOv2iBOTPatchLoss(K).sinkhorn_knopp_teacher(t_rows, TAU, len(idx))).all()
-    q = iBOTPatchLoss(K, impl=impl).sinkhorn_knopp_teacher(t_rows, TAU, torch.tensor([len(idx)]))
+    q = iBOTPatchLoss(K, impl=impl).sinkhorn_knopp_teacher(t_rows, TAU, torch.tensor([len(idx)], device=DEVICE))
     x = t_rows.double() / TAU
-    lse = torch.zeros(len(idx), dtype=torch.float64)
+    lse = torch.zeros(len(idx), dtype=torch.float64, device=x.device)
     for _ in range(3):
         v = -torch.logsumexp(x - lse[:, None], 0)
         lse = torch.logsumexp(x + v, 1)
@@ -190,15 +192,23 @@ def test_sinkhorn_knopp_where_dinov2_overflows(impl):
 
 
 def test_no_masked_patch_at_all():
-    masks = torch.zeros(IMAGES, P, dtype=torch.bool)
-    s = torch.zeros(0, K, requires_grad=True)
-    loss = iBOTPatchLoss(K).forward_masked(s, torch.zeros(0, K), masks)
+    masks = torch.zeros(IMAGES, P, dtype=torch.bool, device=DEVICE)
+    s = torch.zeros(0, K, device=DEVICE, requires_grad=True)
+    loss = iBOTPatchLoss(K).to(DEVICE).forward_masked(s, torch.zeros(0, K, device=DEVICE), masks)
     loss.backward()
     assert float(loss.detach()) == 0.0
+
+
+def test_a_wrong_masked_token_count_is_caught():
+    # torch._assert_async: raised at once on CPU; on CUDA a device-side assert (which would end
+    # this test process's CUDA context, so it is checked on CPU tensors only)
+    masks, _, _, idx = _batch()
+    with pytest.raises(RuntimeError):
+        masks_weight_from_masks(masks.cpu(), len(idx) - 1)
 
 
 def test_masks_weight_size_is_checked():
     masks, s_all, t_all, idx = _batch()
     rows = s_all.flatten(0, 1)[idx]
     with pytest.raises(ValueError, match="masks_weight has 3 elements"):
-        iBOTPatchLoss(K).forward_masked(rows, torch.softmax(rows, -1), masks, masks_weight=torch.ones(3))
+        iBOTPatchLoss(K).forward_masked(rows, torch.softmax(rows, -1), masks, masks_weight=torch.ones(3, device=DEVICE))

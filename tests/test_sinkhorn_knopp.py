@@ -20,6 +20,7 @@ from dino_fast.kernels.sinkhorn_knopp import sinkhorn_knopp
 from dino_fast.kernels.softmax_teacher import SoftmaxTeacher
 
 IMPLS = ("triton", "torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
 N, K, TAU = 37, 1001, 0.04
 
 
@@ -40,7 +41,7 @@ def dinov2_sinkhorn_float64(t, tau, n_iterations=3):
 def log_sinkhorn_float64(t, tau, n_iterations=3):
     """The same iteration in the log domain (never overflows), float64."""
     x = t.double() / tau
-    u = torch.zeros(x.shape[0], dtype=torch.float64)    # per-sample log-scaling
+    u = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)    # per-sample log-scaling
     for _ in range(n_iterations):
         v = -torch.logsumexp(x + u[:, None], dim=0) - torch.log(torch.tensor(float(x.shape[1]), dtype=x.dtype))
         u = -torch.logsumexp(x + v, dim=1) - torch.log(torch.tensor(float(x.shape[0]), dtype=x.dtype))
@@ -49,7 +50,7 @@ def log_sinkhorn_float64(t, tau, n_iterations=3):
 
 def _logits(scale, dtype=torch.float32, n=N, k=K, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, k, generator=g) * scale).to(dtype)
+    return (torch.randn(n, k, generator=g) * scale).to(DEVICE, dtype)
 
 
 def _rel(a, b):
@@ -70,7 +71,7 @@ def test_equals_dinov2_where_finite(impl, dtype, n_iterations):
     q = sinkhorn_knopp(t, TAU, n_iterations, impl=impl)
     assert q.dtype == torch.float32 and q.shape == (N, K)
     assert _rel(q, ref) <= _tol(t)
-    torch.testing.assert_close(q.sum(-1).double(), torch.ones(N, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q.sum(-1).double(), torch.ones(N, dtype=torch.float64, device=DEVICE), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

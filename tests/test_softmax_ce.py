@@ -19,14 +19,16 @@ from dino_fast.kernels import aot
 from dino_fast.kernels import softmax_ce as sce
 from dino_fast.kernels.softmax_ce import softmax_ce
 from dino_fast.kernels.softmax_teacher import SoftmaxTeacher, softmax_teacher
+from tests.conftest import requires_cuda
 
 IMPLS = ("triton", "torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
 K, TS, TT = 1001, 0.1, 0.04
 
 
 def ce_float64(student, teacher_probs, ignore_diagonal=False, weights=None, scale=1.0, tau_s=TS):
     """sum_b w_b sum_{s,t paired} -<q_tb, log_softmax(s_sb / tau_s)> * scale, float64, crop by crop."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=student.device)
     for si, s in enumerate(student.double()):
         lsm = torch.log_softmax(s / tau_s, dim=-1)
         for ti, q in enumerate(teacher_probs.double()):
@@ -39,10 +41,10 @@ def ce_float64(student, teacher_probs, ignore_diagonal=False, weights=None, scal
 
 def _inputs(S, T, B, dtype=torch.float32, seed=0, s_scale=3.0, t_scale=2.0):
     g = torch.Generator().manual_seed(seed)
-    s = (torch.randn(S, B, K, generator=g) * s_scale).to(dtype)
-    t_logits = (torch.randn(T * B, K, generator=g) * t_scale).to(dtype)
-    center = torch.randn(K, generator=g) * 0.3
-    w = torch.rand(B, generator=g) + 0.5
+    s = (torch.randn(S, B, K, generator=g) * s_scale).to(DEVICE, dtype)
+    t_logits = (torch.randn(T * B, K, generator=g) * t_scale).to(DEVICE, dtype)
+    center = (torch.randn(K, generator=g) * 0.3).to(DEVICE)
+    w = (torch.rand(B, generator=g) + 0.5).to(DEVICE)
     return s, t_logits, center, w
 
 
@@ -105,7 +107,7 @@ def test_implicit_teacher(impl, dtype, S, T, diag):
 def test_unnormalised_probabilities_and_one_image(impl):
     # rows that do not sum to 1 (e.g. rounded probabilities): the mass is not assumed
     s, t_logits, center, w = _inputs(3, 2, 1)
-    q = (_probs64(t_logits, center) * torch.linspace(0.5, 1.5, K, dtype=torch.float64)).float().view(2, 1, K)
+    q = (_probs64(t_logits, center) * torch.linspace(0.5, 1.5, K, dtype=torch.float64, device=DEVICE)).float().view(2, 1, K)
     s = s.requires_grad_()
     loss = softmax_ce(s, q, ignore_diagonal=True, weights=w, impl=impl)
     loss.backward()
@@ -159,9 +161,9 @@ def test_many_masked_tokens(impl):
     # iBOT's layout: one student and one teacher crop of many rows, per-row weights
     g = torch.Generator().manual_seed(1)
     N, k = 37, 2500
-    s = (torch.randn(1, N, k, generator=g) * 3).requires_grad_()
-    q64 = torch.softmax(torch.randn(1, N, k, generator=g, dtype=torch.float64) * 50, dim=-1)
-    w = torch.rand(N, generator=g)
+    s = (torch.randn(1, N, k, generator=g) * 3).to(DEVICE).requires_grad_()
+    q64 = torch.softmax(torch.randn(1, N, k, generator=g, dtype=torch.float64) * 50, dim=-1).to(DEVICE)
+    w = torch.rand(N, generator=g).to(DEVICE)
     loss = softmax_ce(s, q64.float(), weights=w, scale=1 / 7, impl=impl)
     loss.backward()
     _check(loss, s.grad, s, q64.float().double(), False, w, 1 / 7, torch.float32)
@@ -169,8 +171,8 @@ def test_many_masked_tokens(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_rows_keeps_the_graph(impl):
-    s = torch.zeros(2, 0, K, requires_grad=True)
-    loss = softmax_ce(s, torch.zeros(2, 0, K), impl=impl)
+    s = torch.zeros(2, 0, K, device=DEVICE, requires_grad=True)
+    loss = softmax_ce(s, torch.zeros(2, 0, K, device=DEVICE), impl=impl)
     loss.backward()
     assert float(loss.detach()) == 0.0 and s.grad.shape == s.shape
 
@@ -193,7 +195,8 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="weights must have B=3"):
         softmax_ce(s, q, weights=w[:2])
     with pytest.raises(ValueError, match=r"\(T\*B, K\)"):
-        softmax_ce(s, SoftmaxTeacher(t_logits[:4], torch.zeros(K), torch.zeros(4), 1.0 / TT))
+        softmax_ce(s, SoftmaxTeacher(t_logits[:4], torch.zeros(K, device=DEVICE), torch.zeros(4, device=DEVICE),
+                                      1.0 / TT))
     with pytest.raises(ValueError, match="must be \\(crops, B, K\\)"):
         softmax_ce(s[0], q)
     with pytest.raises(ValueError, match="<= 2 teacher crops"):
@@ -211,14 +214,35 @@ def test_launches_only_declared_configs():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for S, T in ((2, 2), (10, 2), (12, 2), (34, 2), (1, 1), (3, 1), (10, 1), (18, 1)):
                 g = torch.Generator().manual_seed(0)
-                s = torch.randn(S, 1, k, generator=g).to(dtype).requires_grad_()
-                t = torch.randn(T, k, generator=g).to(dtype)
+                s = torch.randn(S, 1, k, generator=g).to(DEVICE, dtype).requires_grad_()
+                t = torch.randn(T, k, generator=g).to(DEVICE, dtype)
                 implicit = softmax_teacher(t, TT, impl="torch")
                 for teacher in (implicit, implicit.materialize("torch").view(T, 1, k)):
-                    softmax_ce(s, teacher, weights=torch.ones(1), impl="triton").backward()
+                    softmax_ce(s, teacher, weights=torch.ones(1, device=DEVICE), impl="triton").backward()
     names = {launch.kernel for launch in rec.launches}
     assert {"_ce_fwd_kernel", "_ce_finish_kernel", "_ce_loss_kernel", "_ce_grad_kernel"} <= names
     layouts = {(launch.args["BLOCK_T"], launch.args["BLOCK_L"]) for launch in rec.launches
                if launch.kernel == "_ce_fwd_kernel"}
     assert layouts == {(t, l) for t in sce.BLOCK_TS for l in sce.BLOCK_LS}
     assert aot.undeclared_launches(rec.launches, specs) == []
+
+
+@requires_cuda
+def test_cuda_int64_offsets():
+    # rows * K > 2^31 elements (iBOT layout, bf16: 4.4 GB per matrix): the rows past the
+    # int32 range against float64 computed on those rows alone (rows are independent)
+    N, k = 8300, 262144
+    assert N * k > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(1, N, k, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    t = torch.randn(N, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    teacher = softmax_teacher(t, TT, impl="triton")
+    w = torch.rand(N, device="cuda", generator=g)
+    softmax_ce(s, teacher, weights=w, scale=0.5, impl="triton").backward()
+    tail = slice(N - 3, N)
+    q64 = torch.softmax(t[tail].double() / TT, -1)
+    torch.testing.assert_close(teacher.rows(N - 3, N).materialize().double(), q64, rtol=0, atol=1e-4)
+    p64 = torch.softmax(s[0, tail].double() / TS, -1)
+    g64 = 0.5 * w[tail].double()[:, None] * (p64 - q64) / TS
+    err = float((s.grad[0, tail].double() - g64).abs().max() / g64.abs().max())
+    assert err <= 2e-2, err

@@ -12,12 +12,13 @@ from dino_fast.kernels import softmax_teacher as stm
 from dino_fast.kernels.softmax_teacher import SoftmaxTeacher, softmax_teacher
 
 IMPLS = ("triton", "torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
 N, K, TAU = 37, 1001, 0.04
 
 
 def _inputs(scale, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(N, K, generator=g) * scale).to(dtype), torch.randn(K, generator=g)
+    return (torch.randn(N, K, generator=g) * scale).to(DEVICE, dtype), torch.randn(K, generator=g).to(DEVICE)
 
 
 def _ref(t, c):
@@ -53,7 +54,7 @@ def test_rows_and_no_center(impl):
     part = teacher.rows(5, 12)
     assert len(part) == 7 and part.entropy.shape == (7,)
     torch.testing.assert_close(part.materialize(impl).double(), torch.softmax(t[5:12].double() / TAU, -1),
-                               rtol=0, atol=_tol(t, torch.zeros(K)))
+                               rtol=0, atol=_tol(t, torch.zeros(K, device=DEVICE)))
     assert softmax_teacher(t[:0], TAU, impl=impl).materialize(impl).shape == (0, K)
 
 
