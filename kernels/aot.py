@@ -39,6 +39,9 @@ from importlib import import_module
 KERNEL_MODULES: tuple[str, ...] = (
     "dino_fast.kernels.dino_loss",
     "dino_fast.kernels.ema",
+    "dino_fast.kernels.sinkhorn_knopp",
+    "dino_fast.kernels.softmax_ce",
+    "dino_fast.kernels.softmax_teacher",
 )
 
 
