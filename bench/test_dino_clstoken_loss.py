@@ -21,7 +21,8 @@ Triton interpreter, correctness only.
 import pytest
 import torch
 
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
+from dino_fast.benchmark.cases import dino_clstoken_loss_traffic
 from dino_fast.benchmark import peak_extra_memory
 from dino_fast.dinov2 import DINOLoss
 from dino_fast.kernels.sinkhorn_knopp import sinkhorn_knopp_reference
@@ -29,15 +30,6 @@ from dino_fast.kernels.softmax_ce import softmax_ce_reference
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 N_GLOBAL, N_LOCAL, TAU = 2, 8, 0.04
-SINKHORN_PASSES = 6            # 3 iterations x (prototype step + sample step), one read of the teacher each
-
-
-def cls_loss_bytes(B: int, K: int, n_student: int, n_teacher: int, e_s: int, e_t: int) -> int:
-    """HBM bytes the fused path moves: Sinkhorn-Knopp reads the teacher logits
-    SINKHORN_PASSES times; the loss forward reads student + teacher once, the
-    backward reads them again and writes the student gradient (partials,
-    K- and B-vectors aside)."""
-    return 3 * n_student * B * K * e_s + (SINKHORN_PASSES + 2) * n_teacher * B * K * e_t
 
 
 def _inputs(B, K, dtype, device):
@@ -92,8 +84,9 @@ def test_dino_clstoken_loss(bench_case, device, smoke, K, dtype):
     if not smoke:
         from dino_fast.benchmark import time_ms
         extra["dropin_ms"] = time_ms(dropin, 1, 10)
-    nbytes = cls_loss_bytes(B, K, S, N_GLOBAL, student.element_size(), teacher.element_size())
-    rec = bench_case(f"dino_clstoken_loss_{NAMES[dtype]}_K{K}", fused, reference, check=check, nbytes=nbytes,
+    rec = bench_case(f"dino_clstoken_loss_{NAMES[dtype]}_K{K}", fused, reference, check=check,
+                     **dino_clstoken_loss_traffic(B, K, S, N_GLOBAL, student.element_size(),
+                                                  teacher.element_size()),
                      ref_name="DINOv2: plain Sinkhorn-Knopp + double loop", **extra)
     if not smoke:
         save_record("dino_clstoken_loss", f"{NAMES[dtype]}_K{K}", rec)

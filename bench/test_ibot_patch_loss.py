@@ -18,7 +18,8 @@ Smoke mode (CPU): tiny shapes through the Triton interpreter, correctness only.
 import pytest
 import torch
 
-from dino_fast.bench_baseline import save_record
+from dino_fast.benchmark.baseline import save_record
+from dino_fast.benchmark.cases import ibot_patch_loss_traffic
 from dino_fast.benchmark import peak_extra_memory
 from dino_fast.dinov2 import iBOTPatchLoss
 from dino_fast.kernels.sinkhorn_knopp import sinkhorn_knopp_reference
@@ -26,14 +27,6 @@ from dino_fast.kernels.softmax_ce import softmax_ce_reference
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 TAU = 0.04
-SINKHORN_PASSES = 6            # 3 iterations x (prototype step + sample step), one read of the teacher each
-
-
-def ibot_loss_bytes(n_tokens: int, K: int, e_s: int, e_t: int) -> int:
-    """HBM bytes the fused path moves: Sinkhorn-Knopp reads the masked tokens'
-    teacher logits SINKHORN_PASSES times; the loss forward reads student +
-    teacher once, the backward reads both again and writes the gradient."""
-    return n_tokens * K * (3 * e_s + (SINKHORN_PASSES + 2) * e_t)
 
 
 def _masks(images: int, patches: int, device) -> torch.Tensor:
@@ -79,8 +72,8 @@ def test_ibot_patch_loss(bench_case, device, smoke, K, dtype):
         assert err <= (1e-4 if dtype == torch.float32 else 2e-2), err
 
     mem, ref_mem = peak_extra_memory(fused), peak_extra_memory(reference)
-    nbytes = ibot_loss_bytes(n, K, student.element_size(), teacher.element_size())
-    rec = bench_case(f"ibot_patch_loss_{NAMES[dtype]}_K{K}", fused, reference, check=check, nbytes=nbytes,
+    rec = bench_case(f"ibot_patch_loss_{NAMES[dtype]}_K{K}", fused, reference, check=check,
+                     **ibot_patch_loss_traffic(n, K, student.element_size(), teacher.element_size()),
                      ref_name="DINOv2: plain Sinkhorn-Knopp + log_softmax CE", images=images, masked_tokens=n,
                      K=K, dtype=NAMES[dtype], peak_extra_mem_ref_bytes=ref_mem,
                      mem_ratio=(ref_mem / mem) if mem else None)

@@ -14,7 +14,7 @@ case); bf16 logits: the same, against the reference on the rounded values
 import pytest
 import torch
 
-from dino_fast.kernels import aot
+from tests import launch_recorder
 from dino_fast.kernels import sinkhorn_knopp as skm
 from dino_fast.kernels.sinkhorn_knopp import sinkhorn_knopp
 from dino_fast.kernels.softmax_teacher import SoftmaxTeacher
@@ -143,7 +143,7 @@ def test_prototype_kernel_splits_rows_into_groups():
 def test_launches_only_declared_configs():
     from dino_fast.kernels import softmax_teacher as stm
     specs = skm.compile_specs() + stm.compile_specs()
-    with aot.record_launches(skm) as rec, aot.record_launches(stm) as rec2:
+    with launch_recorder.record_launches(skm) as rec, launch_recorder.record_launches(stm) as rec2:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for k in (K, 1024):
                 sinkhorn_knopp(_logits(1.0, dtype, k=k), TAU, impl="triton")
@@ -151,4 +151,4 @@ def test_launches_only_declared_configs():
     names = {launch.kernel for launch in launches}
     assert {"_prototype_lse_kernel", "_prototype_lse_finish_kernel", "_sample_lse_kernel",
             "_sample_lse_finish_kernel", "_softmax_q_kernel"} <= names
-    assert aot.undeclared_launches(launches, specs) == []
+    assert launch_recorder.undeclared_launches(launches, specs) == []

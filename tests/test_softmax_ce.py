@@ -15,7 +15,7 @@ rel 2e-5.
 import pytest
 import torch
 
-from dino_fast.kernels import aot
+from tests import launch_recorder
 from dino_fast.kernels import softmax_ce as sce
 from dino_fast.kernels.softmax_ce import softmax_ce
 from dino_fast.kernels.softmax_teacher import SoftmaxTeacher, softmax_teacher
@@ -210,7 +210,7 @@ def test_launches_only_declared_configs():
     # every tile layout (BLOCK_T x BLOCK_L), dtype and teacher kind the launcher picks is declared
     specs = sce.compile_specs()
     k = 300
-    with aot.record_launches(sce) as rec:
+    with launch_recorder.record_launches(sce) as rec:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for S, T in ((2, 2), (10, 2), (12, 2), (34, 2), (1, 1), (3, 1), (10, 1), (18, 1)):
                 g = torch.Generator().manual_seed(0)
@@ -224,7 +224,7 @@ def test_launches_only_declared_configs():
     layouts = {(launch.args["BLOCK_T"], launch.args["BLOCK_L"]) for launch in rec.launches
                if launch.kernel == "_ce_fwd_kernel"}
     assert layouts == {(t, l) for t in sce.BLOCK_TS for l in sce.BLOCK_LS}
-    assert aot.undeclared_launches(rec.launches, specs) == []
+    assert launch_recorder.undeclared_launches(rec.launches, specs) == []
 
 
 @requires_cuda

@@ -37,6 +37,27 @@ def ema_traffic(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> dic
     return dict(nbytes=nbytes, floor="teacher 1R+1W, student 1R")
 
 
+SINKHORN_PASSES = 6   # log-domain Sinkhorn-Knopp: 3 iterations x (prototype pass + sample pass), one teacher read each
+
+
+def dino_clstoken_loss_traffic(B: int, K: int, n_student: int, n_teacher: int, e_s: int, e_t: int) -> dict:
+    """Bytes of the fused DINOv2/DINOv3 CLS loss with Sinkhorn-Knopp centring
+    (forward + backward): Sinkhorn-Knopp reads the teacher logits SINKHORN_PASSES
+    times; the loss forward reads student + teacher once, the backward reads them
+    again and writes the student gradient (the implicit teacher is never
+    materialised; partials and K-/B-vectors aside)."""
+    nbytes = 3 * n_student * B * K * e_s + (SINKHORN_PASSES + 2) * n_teacher * B * K * e_t
+    return dict(nbytes=nbytes, floor=f"student 2R+1W, teacher {SINKHORN_PASSES + 2}R")
+
+
+def ibot_patch_loss_traffic(n_tokens: int, K: int, e_s: int, e_t: int) -> dict:
+    """Bytes of the fused iBOT loss over n_tokens masked patch tokens with
+    Sinkhorn-Knopp centring: as dino_clstoken_loss_traffic, one teacher row per
+    student row."""
+    nbytes = n_tokens * K * (3 * e_s + (SINKHORN_PASSES + 2) * e_t)
+    return dict(nbytes=nbytes, floor=f"student 2R+1W, teacher {SINKHORN_PASSES + 2}R")
+
+
 def _close(rtol: float, atol: float = 0.0) -> Callable:
     """Every output tensor within rtol of the largest reference magnitude (+ atol):
     max|out - ref| <= rtol * max|ref| + atol (robust to tiny elements)."""
