@@ -179,6 +179,10 @@ class TrainConfig:
     monitor_every: int = 1
     """Epochs between two --monitor_knn evaluations (the last epoch is always evaluated)."""
 
+    # ---- resume: resume validation and interruptions ----
+    extend_epochs: bool = False
+    """Resume a run with more --epochs than it was started with: the schedules are rebuilt for the new epoch count (as if planned that long) and training continues at the iteration reached."""
+
 
 @lru_cache(maxsize=1)
 def field_docs() -> dict[str, str]:
