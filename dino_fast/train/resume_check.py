@@ -98,12 +98,17 @@ def read_saved(path: str) -> dict:
             "world_size": int(state.get("world_size") or 1)}
 
 
-def _flag(name: str, value) -> str:
+def _show(value) -> str:
+    """A value as it is typed on the command line."""
     if isinstance(value, bool):
-        return f"--{name} {str(value).lower()}"
+        return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return f"--{name} " + " ".join(str(v) for v in value)
-    return f"--{name} {value}"
+        return " ".join(str(v) for v in value)
+    return "''" if value == "" else str(value)
+
+
+def _flag(name: str, value) -> str:
+    return f"--{name} {_show(value)}"
 
 
 def _same(a, b) -> bool:
@@ -178,8 +183,7 @@ def check_resume(cfg: TrainConfig, output_dir: str, world_size: int, n_images: i
     saved = read_saved(path)
     bad, fixes, notes = compare(cfg, saved, world_size, n_images)
     if bad:
-        diffs = "; ".join(f"{what} {old!r} -> {new!r}" if not isinstance(old, str) or not isinstance(new, str)
-                          else f"{what} {old} -> {new}" for what, old, new in bad)
+        diffs = "; ".join(f"{what} {_show(old)} -> {_show(new)}" for what, old, new in bad)
         raise ResumeMismatch(
             f"--output_dir {output_dir} holds a checkpoint of another run ({path}, epoch {saved['epoch']}): "
             f"{diffs}. Fix: {' '.join(dict.fromkeys(fixes))} to continue it, or --resume false to start over "
