@@ -16,6 +16,10 @@ Atomic: a file is written to `<name>.tmp.<pid>` and renamed with os.replace; a
 directory is written to `<name>.tmp/`, the old one moved to `<name>.old/`, the
 new one renamed in, the old one removed. A kill at any moment leaves a
 complete checkpoint (`<name>` or, between the two renames, `<name>.old`).
+The periodic copy is made (atomically, from the temp) before the main
+checkpoint is replaced, so a kill can leave a copy of an epoch the resume
+redoes but never a missing copy; the temp files a kill leaves are removed at
+the next start (stale.py).
 """
 from __future__ import annotations
 

@@ -13,10 +13,13 @@ complete and consistent over ranks, a one-line message and exit 128 + the signal
 - The run then continues from the last checkpoint (epoch ends): rerunning the same command
   resumes it; the steps after that checkpoint are redone, bit-for-bit on the CPU.
 - A second signal while stopping acts at once (no step boundary waited for).
+- Forked data-loading workers inherit the handler and ignore the signal (Ctrl-C reaches the whole
+  process group): they keep feeding the batches the last steps need.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -54,6 +57,7 @@ class StopSignals:
         self.niter_per_ep, self.epochs = 1, 0
         self.last_ckpt: str | None = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -70,6 +74,8 @@ class StopSignals:
         self._previous = {}
 
     def _handler(self, signum, frame) -> None:
+        if os.getpid() != self._pid:   # a forked data-loading worker inherited it: the trainer decides
+            return
         if not self.armed:
             raise Interrupted(f"interrupted ({signal_name(signum)}) before training started; nothing was "
                               "trained: rerun the same command to start", signum, self.rank)
