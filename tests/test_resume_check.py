@@ -197,3 +197,21 @@ def test_other_world_size_with_the_same_global_batch(finished, tmp_path):
     l2 = [r["loss"] for r in records(out, "step")]
     assert l2[:2] == l1[:2] and l2[2:] == pytest.approx(l1[2:], rel=1.5e-3)
     assert os.path.isfile(out / "checkpoint" / ".metadata")
+
+
+def test_checkpoint_of_an_older_version_without_the_record(finished):
+    """Checkpoints written before the record (and before newer fields) compare on their config alone;
+    a field missing from them counts as its default."""
+    from dino_fast.train.presets import resolve
+    from dino_fast.train.resume_check import compare, read_saved
+    saved = read_saved(str(finished / "checkpoint.pth"))
+    assert saved["args"]["resume"] == {"global_batch": 8, "world_size": 1, "batch_size_per_gpu": 8, "n_images": 32,
+                                       "data": "demo", "steps_per_epoch": 4, "epochs": 2}
+    for key in ("resume", "extend_epochs", "monitor_every", "norm_eps"):
+        saved["args"].pop(key)
+    cfg = resolve("demo", {**TINY, "output_dir": str(finished)})
+    assert compare(cfg, saved, 1, 32)[:2] == ([], [])
+    bad, fixes, _ = compare(resolve("demo", {**TINY, "output_dir": str(finished), "norm_eps": 1e-3}), saved, 1, 32)
+    assert bad == [("norm_eps", 0.0, 1e-3)] and fixes == ["--norm_eps 0.0"]
+    bad, _, _ = compare(cfg, saved, 1, 32 * 2)          # without the record the image count is unknown
+    assert bad == []

@@ -94,7 +94,9 @@ def read_saved(path: str) -> dict:
     if not isinstance(state, dict) or "epoch" not in state:
         raise ResumeMismatch(f"{path}: not a dino-fast training checkpoint; pass --resume false to overwrite "
                              "it or choose another --output_dir")
-    return {"args": dict(state.get("args") or {}), "epoch": int(state["epoch"]), "it": int(state.get("it", 0)),
+    args = state.get("args") or {}
+    args = vars(args) if hasattr(args, "__dict__") else dict(args)   # the reference saves an argparse Namespace
+    return {"args": args, "epoch": int(state["epoch"]), "it": int(state.get("it", 0)),
             "world_size": int(state.get("world_size") or 1)}
 
 
@@ -124,14 +126,18 @@ def compare(cfg: TrainConfig, saved: dict, world_size: int, n_images: int) -> tu
     old_rec = args.get("resume") or {}
     new_rec = record(cfg, world_size, n_images)
     bad, fixes, notes = [], [], []
+    if not args:
+        return bad, fixes, ["the checkpoint records no config: not compared with this one"]
+    defaults = to_dict(TrainConfig())
     for name in (f.name for f in fields(TrainConfig)):
-        if name in SAFE or name in DERIVED or name not in args:
+        if name in SAFE or name in DERIVED:
             continue
-        if not _same(args[name], new[name]):
-            bad.append((name, args[name], new[name]))
-            fixes.append(_flag(name, args[name]))
+        old = args.get(name, defaults[name])   # a field newer than the checkpoint: it ran with the default
+        if not _same(old, new[name]):
+            bad.append((name, old, new[name]))
+            fixes.append(_flag(name, old))
     # data: what is read (resolved path) and how much of it
-    old_data = old_rec.get("data", args.get("data_path"))
+    old_data = old_rec.get("data") or data_identity(args.get("data_path", cfg.data_path))
     if old_data != new_rec["data"]:
         bad.append(("data_path", old_data, new_rec["data"]))
         fixes.append(_flag("data_path", args.get("data_path", old_data)))
