@@ -119,7 +119,10 @@ def leftovers(out_dir):
                                      "nothing lost)", False),
     (signal.SIGINT, 130, "save", 1, "at step 4; rerun the same command to resume from {ck} (1 epoch done, "
                                     "nothing lost)", True),
-], ids=["SIGTERM-mid-step-subprocess", "SIGINT-mid-step", "SIGTERM-mid-save", "SIGINT-mid-save-subprocess"])
+    (signal.SIGUSR1, 138, "step", 6, "at step 7; rerun the same command to resume from {ck} (1 epoch done; "
+                                     "the 3 steps after it are redone)", False),   # SLURM --signal=USR1@120
+], ids=["SIGTERM-mid-step-subprocess", "SIGINT-mid-step", "SIGTERM-mid-save", "SIGINT-mid-save-subprocess",
+        "SIGUSR1-mid-step"])
 def test_signal_stops_cleanly_and_the_same_command_resumes(finished, tmp_path, sig, code, where, n, said,  # noqa: F811
                                                            subprocess_, monkeypatch, capsys):
     out = tmp_path / "run"
