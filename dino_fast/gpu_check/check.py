@@ -1,0 +1,81 @@
+"""`dino-fast bench --gpu-check [--dry-run]`: collect, plan, run the parts, write the results."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from dino_fast.benchmark.baseline import RESULTS_DIR, ROOT
+from dino_fast.gpu_check.plan import DEFAULT_BUDGET_S, build_plan, collect, format_plan
+
+SUMMARY_RESERVE_S = 5.0    # kept back from the parts for writing the results
+
+
+def _missing_test_tools() -> list[str]:
+    import importlib.util
+    return [name for name, mod in (("pytest", "pytest"), ("pytest-benchmark", "pytest_benchmark"))
+            if importlib.util.find_spec(mod) is None]
+
+
+def plan_now(budget_s: float, root: str = ROOT):
+    """Collect tests/ and bench/ and sort them into the parts; the budget left for the parts
+    is `budget_s` less the collection time and SUMMARY_RESERVE_S."""
+    t0 = time.monotonic()
+    items, skips = collect(root, timeout_s=min(budget_s, 120.0))
+    left = budget_s - (time.monotonic() - t0) - SUMMARY_RESERVE_S
+    return build_plan(items, skips, max(left, 0.0))
+
+
+def dry_run(budget_s: float = DEFAULT_BUDGET_S, as_json: bool = False, root: str = ROOT) -> int:
+    """Print what the check would run (collects, runs nothing); the parts' budgets are their
+    shares of `budget_s` (on the GPU, collection time comes off them)."""
+    items, skips = collect(root, timeout_s=120.0)
+    plan = build_plan(items, skips, budget_s)
+    print(json.dumps(plan.to_dict(), indent=1) if as_json else format_plan(plan))
+    return 0
+
+
+def run_check(budget_s: float = DEFAULT_BUDGET_S, results_dir: str = RESULTS_DIR,
+              workdir: str = os.path.join("output", "gpu-check"), root: str = ROOT) -> int:
+    """The whole check on the first CUDA device; 0 when every part passed, 1 otherwise."""
+    import torch
+
+    from dino_fast.devices import device_spec
+    from dino_fast.gpu_check.runner import run_plan
+    from dino_fast.gpu_check.summary import build_report, optional_packages, write_results
+    if not torch.cuda.is_available():
+        print("dino-fast bench --gpu-check: no CUDA device visible (torch.cuda.is_available() is False); "
+              "on a machine without a GPU use --gpu-check --dry-run to list what it would run", file=sys.stderr)
+        return 2
+    missing = _missing_test_tools()
+    if missing:
+        print(f"dino-fast bench --gpu-check: {', '.join(missing)} not installed; it installs nothing itself: "
+              f"pip install {' '.join(missing)} (or carry the wheels in), then rerun", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    spec = device_spec(torch.device("cuda"))
+    optional = optional_packages()
+    print(f"dino-fast bench --gpu-check on {spec.name} ({spec.kind}), {budget_s:.0f} s budget; "
+          f"xformers {optional.get('xformers') or 'not installed'}, "
+          f"DALI {optional.get('nvidia.dali') or 'not installed'}", flush=True)
+    plan = plan_now(budget_s, root)
+    workdir = os.path.abspath(workdir)
+
+    def on_start(part, limit):
+        print(f"[{part.name}] {part.what}: {len(part.nodeids)} item(s), up to {limit:.0f} s", flush=True)
+
+    def progress(part, done, total):
+        print(f"\r[{part.name}] {done}/{total} done, {time.monotonic() - t0:.0f} s elapsed", end="", flush=True)
+
+    parts = run_plan(plan, workdir, root, on_start=on_start, progress=progress)
+    print(flush=True)
+    section, cases = build_report(parts, plan, time.monotonic() - t0, optional)
+    json_path, md_path = write_results(results_dir, spec.kind, spec.name, section, cases)
+    for p in parts:
+        c = p.counts()
+        print(f"{p.name:<14} {p.status:<10} {p.seconds:>6.0f} s  "
+              + ", ".join(f"{n} {k}" for k, n in sorted(c.items())) + (f"  ({p.note})" if p.note else ""))
+    print(f"wrote {json_path} and {md_path}; logs in {workdir}\n"
+          f"commit them, then run python tools/bench_table.py to fill the README's table")
+    return 0 if all(p.status in ("passed", "empty") for p in parts) else 1
