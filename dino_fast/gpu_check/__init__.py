@@ -10,6 +10,13 @@ check.py    the command: --dry-run (list) or the run
 The GPU tests are the tests/ items with the `gpu` marker (registered in pytest.ini): those
 that skip without CUDA, and the kernel test modules whose DEVICE follows CUDA.
 """
-from dino_fast.gpu_check.check import dry_run, run_check
-
 __all__ = ["dry_run", "run_check"]
+
+
+def __getattr__(name):
+    # lazy: the pytest plugin (plugin.py) loads this package in every part's process and
+    # must not pull in torch through check.py
+    if name in __all__:
+        from dino_fast.gpu_check import check
+        return getattr(check, name)
+    raise AttributeError(f"module 'dino_fast.gpu_check' has no attribute {name!r}")

@@ -18,26 +18,25 @@ def _missing_test_tools() -> list[str]:
             if importlib.util.find_spec(mod) is None]
 
 
-def plan_now(budget_s: float, root: str = ROOT):
-    """Collect tests/ and bench/ and sort them into the parts; the budget left for the parts
-    is `budget_s` less the collection time and SUMMARY_RESERVE_S."""
-    t0 = time.monotonic()
+def plan_now(budget_s: float, root: str, t0: float):
+    """Collect tests/ and bench/ and sort them into the parts; the parts get what is left of
+    `budget_s` (counted from the time.monotonic() value t0) less SUMMARY_RESERVE_S."""
     items, skips = collect(root, timeout_s=min(budget_s, 120.0))
     left = budget_s - (time.monotonic() - t0) - SUMMARY_RESERVE_S
     return build_plan(items, skips, max(left, 0.0))
 
 
-def dry_run(budget_s: float = DEFAULT_BUDGET_S, as_json: bool = False, root: str = ROOT) -> int:
+def dry_run(budget_s: float = DEFAULT_BUDGET_S, as_json: bool = False, root: str | None = None) -> int:
     """Print what the check would run (collects, runs nothing); the parts' budgets are their
     shares of `budget_s` (on the GPU, collection time comes off them)."""
-    items, skips = collect(root, timeout_s=120.0)
+    items, skips = collect(root or ROOT, timeout_s=120.0)
     plan = build_plan(items, skips, budget_s)
     print(json.dumps(plan.to_dict(), indent=1) if as_json else format_plan(plan))
     return 0
 
 
 def run_check(budget_s: float = DEFAULT_BUDGET_S, results_dir: str = RESULTS_DIR,
-              workdir: str = os.path.join("output", "gpu-check"), root: str = ROOT) -> int:
+              workdir: str = os.path.join("output", "gpu-check"), root: str | None = None) -> int:
     """The whole check on the first CUDA device; 0 when every part passed, 1 otherwise."""
     import torch
 
@@ -59,7 +58,8 @@ def run_check(budget_s: float = DEFAULT_BUDGET_S, results_dir: str = RESULTS_DIR
     print(f"dino-fast bench --gpu-check on {spec.name} ({spec.kind}), {budget_s:.0f} s budget; "
           f"xformers {optional.get('xformers') or 'not installed'}, "
           f"DALI {optional.get('nvidia.dali') or 'not installed'}", flush=True)
-    plan = plan_now(budget_s, root)
+    root = root or ROOT
+    plan = plan_now(budget_s, root, t0)
     workdir = os.path.abspath(workdir)
 
     def on_start(part, limit):

@@ -116,14 +116,14 @@ def pytest_runtest_makereport(item, call):
 
 
 def _reason(report) -> str:
-    """A skip's reason, or the last `E ` line of a failure (500 characters at most)."""
+    """A skip's reason, or the `E ` lines of a failure joined (500 characters at most)."""
     if report.skipped and isinstance(report.longrepr, tuple):
         msg = str(report.longrepr[2])
         return msg[len("Skipped: "):] if msg.startswith("Skipped: ") else msg
     text = getattr(report, "longreprtext", "") or str(report.longrepr or "")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    err = [ln for ln in lines if ln.startswith("E ")]
-    return (err[-1][1:].strip() if err else (lines[-1] if lines else ""))[:500]
+    err = [ln[1:].strip() for ln in lines if ln.startswith("E ")]
+    return (" / ".join(e for e in err if e) if err else (lines[-1] if lines else ""))[:500]
 
 
 def pytest_runtest_logreport(report):
