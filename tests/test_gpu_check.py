@@ -92,7 +92,7 @@ SYNTHETIC = {
     "pytest.ini": "[pytest]\nmarkers =\n    gpu: gpu test\n",
     "tests/__init__.py": "",
     "tests/test_ema.py": """
-        import time, pytest
+        import os, time, pytest
         @pytest.mark.gpu
         @pytest.mark.skipif(False, reason="needs a CUDA GPU")
         def test_cuda_pass():
@@ -105,7 +105,7 @@ SYNTHETIC = {
             pytest.skip("xformers is not installed")
         @pytest.mark.gpu
         def test_cuda_sleeps():
-            time.sleep(60)
+            time.sleep(float(os.environ.get("SYNTHETIC_SLEEP_S", "60")))
         @pytest.mark.gpu
         def test_cuda_after():
             pass
@@ -119,6 +119,10 @@ SYNTHETIC = {
             pass
     """,
     "bench/__init__.py": "",
+    "bench/conftest.py": """
+        def pytest_addoption(parser):
+            parser.addoption("--save-baseline", action="store_true")
+    """,
     "bench/test_fast.py": """
         def test_case(benchmark, record_property):
             benchmark.extra_info.update(device="h200", device_name="NVIDIA H200", ms=2.0, ref_ms=5.0, speedup=2.5,
@@ -169,9 +173,34 @@ def test_a_part_out_of_time_keeps_what_it_finished(checkout, tmp_path):
     assert "one plus one" in got["test_cuda_fail"]["reason"]
     assert got["test_cuda_skip"]["reason"] == "xformers is not installed"
     assert "ran out of time (10 s)" in got["test_cuda_sleeps"]["reason"]
-    bench = run_part(Part("benches", "synthetic", 60.0, ["bench/test_fast.py::test_case"]),
-                     60.0, str(tmp_path / "work"), str(checkout))
-    assert bench.status == "passed" and bench.tests[0]["bench"]["frac_hbm"] == 0.61
+
+
+def test_run_check_end_to_end_with_a_pretend_gpu(checkout, tmp_path, monkeypatch, capsys):
+    """The whole command on the synthetic checkout, torch told a GPU is there: every part runs,
+    the failing test fails the check, the results land in the results folder."""
+    import torch
+
+    import dino_fast.devices
+    from dino_fast.devices import DeviceSpec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dino_fast.devices, "device_spec", lambda device=None: DeviceSpec("h200", "NVIDIA H200",
+                                                                                         4800.0, 989.0))
+    monkeypatch.setattr("dino_fast.gpu_check.summary.optional_packages", lambda: {"xformers": "0.0.99"})
+    monkeypatch.setenv("SYNTHETIC_SLEEP_S", "0")
+    results = tmp_path / "results"
+    rc = check.run_check(120.0, str(results), str(tmp_path / "work"), root=str(checkout))
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    data = json.loads((results / "h200.json").read_text())
+    status = {p["name"]: (p["status"], p["counts"]) for p in data["gpu_check"]["parts"]}
+    assert status["triton"] == ("passed", {"passed": 1})
+    assert status["kernel_suites"] == ("failed", {"passed": 2, "failed": 1, "skipped": 1})
+    assert status["other"] == ("passed", {"skipped": 1}) and status["memory"] == ("empty", {})
+    assert status["benches"] == ("passed", {"passed": 1})
+    assert data["cases"]["test_fast.py::test_case"]["speedup"] == 2.5
+    md = (results / "h200.md").read_text()
+    assert "| `tests/test_ema.py::test_cuda_fail` | kernel_suites | FAILED | AssertionError: one plus one" in md
+    assert "xformers 0.0.99" in md and "wrote " + str(results / "h200.json") in out
 
 
 def _result(name, status, tests, seconds=3.0, budget=10.0):

@@ -68,14 +68,15 @@ def run_check(budget_s: float = DEFAULT_BUDGET_S, results_dir: str = RESULTS_DIR
     def progress(part, done, total):
         print(f"\r[{part.name}] {done}/{total} done, {time.monotonic() - t0:.0f} s elapsed", end="", flush=True)
 
-    parts = run_plan(plan, workdir, root, on_start=on_start, progress=progress)
-    print(flush=True)
+    def on_end(p):
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(p.counts().items()))
+        line = (f"[{p.name}] {p.status.upper() if p.status in ('failed', 'timed out') else p.status} in "
+                f"{p.seconds:.0f} s: {counts}" + (f" ({p.note})" if p.note else ""))
+        print("\r" + line.ljust(72), flush=True)
+
+    parts = run_plan(plan, workdir, root, on_start=on_start, on_end=on_end, progress=progress)
     section, cases = build_report(parts, plan, time.monotonic() - t0, optional)
     json_path, md_path = write_results(results_dir, spec.kind, spec.name, section, cases)
-    for p in parts:
-        c = p.counts()
-        print(f"{p.name:<14} {p.status:<10} {p.seconds:>6.0f} s  "
-              + ", ".join(f"{n} {k}" for k, n in sorted(c.items())) + (f"  ({p.note})" if p.note else ""))
     print(f"wrote {json_path} and {md_path}; logs in {workdir}\n"
           f"commit them, then run python tools/bench_table.py to fill the README's table")
     return 0 if all(p.status in ("passed", "empty") for p in parts) else 1

@@ -146,7 +146,7 @@ def run_part(part: Part, limit_s: float, workdir: str, root: str = ROOT, progres
                       None if timed_out else proc.returncode, log_path, tests, note)
 
 
-def run_plan(plan: Plan, workdir: str, root: str = ROOT, on_start=None, progress=None,
+def run_plan(plan: Plan, workdir: str, root: str = ROOT, on_start=None, on_end=None, progress=None,
              budget_start: float | None = None) -> list[PartResult]:
     """Every part in order. Each gets its share plus the unused time of the parts before,
     never more than what is left of plan.budget_s (counted from `budget_start`, a
@@ -161,4 +161,6 @@ def run_plan(plan: Plan, workdir: str, root: str = ROOT, on_start=None, progress
             on_start(part, limit)
         results.append(run_part(part, limit, workdir, root,
                                 None if progress is None else (lambda d, t, _p=part: progress(_p, d, t))))
+        if on_end is not None and part.nodeids:
+            on_end(results[-1])
     return results

@@ -20,11 +20,6 @@ FIGURES_KEY = "gpu_check_figures"     # a GPU test's record_property key for num
 FOLDED_PARTS = ("kernel_suites", "benches")   # the markdown lists only their tests that did not pass
 
 
-def case_name(nodeid: str) -> str:
-    """The baseline's name of a bench case (as bench/conftest.py keys it)."""
-    return nodeid.split("bench/", 1)[-1]
-
-
 def optional_packages() -> dict:
     """Versions of the optional GPU packages (None: not installed) and whether this torch has
     the varlen flash attention."""
@@ -50,7 +45,7 @@ def build_report(parts, plan, elapsed_s: float, optional: dict | None = None) ->
         for t in p.tests:
             if p.name == "benches":
                 if t.get("bench"):
-                    cases[case_name(t["nodeid"])] = t["bench"]
+                    cases[bench_baseline.case_name(t["nodeid"])] = t["bench"]
                 if t["outcome"] == "passed" and not t.get("bench"):
                     continue       # a bench with no record (e.g. a helper test): nothing to report
             else:
