@@ -84,6 +84,7 @@ def test_plan_lists_every_gpu_test_and_every_bench(collected):
     assert part["train_step"].nodeids == [
         "tests/test_gpu_train_step.py::test_default_step_20_steps_matches_plain_step_cuda"]
     assert any("[xformers]" in n for n in part["attention"].nodeids)
+    assert part["kernel_suites"].nodeids[-1].startswith("tests/test_kernels_aot.py")
     assert abs(sum(p.budget_s for p in plan.parts) - 480) < 1
 
 
@@ -283,7 +284,8 @@ def test_summary_writer_json_and_markdown(tmp_path, monkeypatch):
                      r"kernel_suites \(\[bench/results/h200.md\]", table), table
 
 
-def test_plan_rejects_a_checkout_without_tests(tmp_path):
-    from dino_fast.gpu_check.plan import collect
-    with pytest.raises(FileNotFoundError, match="no tests, bench folder: --gpu-check runs from a source checkout"):
-        collect(str(tmp_path))
+def test_plan_rejects_a_checkout_without_tests(tmp_path, monkeypatch, capsys):
+    from dino_fast.cli import main
+    monkeypatch.setattr(check, "ROOT", str(tmp_path))
+    assert main(["bench", "--gpu-check", "--dry-run"]) == 2
+    assert "no tests, bench folder: --gpu-check runs from a source checkout" in capsys.readouterr().err

@@ -137,6 +137,11 @@ def _gpu_check(args) -> int:
         print(f"dino-fast bench: --time-budget must be > 0 seconds, got {args.time_budget}", file=sys.stderr)
         return 2
     from dino_fast.gpu_check import dry_run, run_check
-    if args.dry_run:
-        return dry_run(args.time_budget, as_json=args.json)
-    return run_check(args.time_budget, workdir=os.path.join(args.output, "gpu-check"))
+    from dino_fast.gpu_check.plan import GpuCheckError
+    try:
+        if args.dry_run:
+            return dry_run(args.time_budget, as_json=args.json)
+        return run_check(args.time_budget, workdir=os.path.join(args.output, "gpu-check"))
+    except GpuCheckError as exc:
+        print(f"dino-fast bench --gpu-check: {exc}", file=sys.stderr)
+        return 2

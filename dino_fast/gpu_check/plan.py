@@ -21,6 +21,10 @@ DEFAULT_BUDGET_S = 480.0
 COLLECT_TIMEOUT_S = 120.0
 
 
+class GpuCheckError(RuntimeError):
+    """The check cannot start (no checkout to collect, collection failed): a one-line message."""
+
+
 @dataclass(frozen=True)
 class PartSpec:
     """One part: a name, what it proves, its share of the budget, the tests it takes."""
@@ -52,6 +56,7 @@ PARTS = (
 BENCH_ORDER = ("test_dino_loss.py", "test_ema.py", "test_dino_clstoken_loss.py", "test_ibot_patch_loss.py",
                "test_attention.py", "test_model.py", "test_train_step.py")   # then the rest; these last:
 BENCH_LAST = ("test_pipeline.py", "test_eval.py", "test_peers.py")
+KERNEL_SUITES_LAST = ("test_kernels_aot.py",)   # mostly ahead-of-time compiles, which CI runs on the CPU too
 
 
 @dataclass
@@ -104,17 +109,20 @@ def collect(root: str = ROOT, paths: tuple[str, ...] = ("tests", "bench"),
     """(collected items, modules that did not collect) of `paths` under `root`."""
     missing = [p for p in paths if not os.path.isdir(os.path.join(root, p))]
     if missing:
-        raise FileNotFoundError(f"{root}: no {', '.join(missing)} folder: --gpu-check runs from a source checkout "
+        raise GpuCheckError(f"{root}: no {', '.join(missing)} folder: --gpu-check runs from a source checkout "
                                 f"(git clone, then pip install -e . --no-deps --no-build-isolation)")
     with tempfile.TemporaryDirectory() as tmp:
         events = os.path.join(tmp, "collect.jsonl")
-        proc = subprocess.run(pytest_command(["--collect-only", "-q", *paths], events), cwd=root,
-                              capture_output=True, text=True, timeout=timeout_s)
+        try:
+            proc = subprocess.run(pytest_command(["--collect-only", "-q", *paths], events), cwd=root,
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise GpuCheckError(f"pytest --collect-only {' '.join(paths)} took more than {timeout_s:.0f} s") from exc
         ev = read_events(events)
     items = [e for e in ev if e["event"] == "collected"]
     skips = [e for e in ev if e["event"] == "collect"]
     if not items and proc.returncode not in (0, 5):
-        raise RuntimeError(f"pytest --collect-only {' '.join(paths)} failed (exit {proc.returncode}):\n"
+        raise GpuCheckError(f"pytest --collect-only {' '.join(paths)} failed (exit {proc.returncode}):\n"
                            f"{(proc.stdout + proc.stderr)[-3000:]}")
     return items, skips
 
@@ -144,6 +152,7 @@ def build_plan(items: list[dict], skips: list[dict], budget_s: float = DEFAULT_B
         else:
             part = "kernel_suites"
         chosen[part].append(it["nodeid"])
+    chosen["kernel_suites"].sort(key=lambda n: n.split("::")[0].endswith(KERNEL_SUITES_LAST))   # stable
     order = {it["nodeid"]: i for i, it in enumerate(benches)}
     chosen["benches"] = [it["nodeid"] for it in sorted(benches, key=lambda it: (_bench_rank(it["file"]),
                                                                                  order[it["nodeid"]]))]

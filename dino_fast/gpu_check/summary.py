@@ -131,7 +131,8 @@ def render_markdown(data: dict) -> str:
              f"flash varlen {'yes' if opt.get('flash_varlen') else 'no'}. "
              f"{_num(g.get('elapsed_s'), '{:.0f}')} s of a {_num(g.get('budget_s'), '{:.0f}')} s budget.", "",
              "## Parts", "",
-             "| part | status | passed | failed | skipped | other | s | budget s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| part | status | passed | failed | skipped | other | s | budget s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for p in g.get("parts", []):
         c = dict(p.get("counts", {}))
         other = sum(n for k, n in c.items() if k not in ("passed", "failed", "skipped"))
