@@ -189,7 +189,7 @@ def test_run_check_end_to_end_with_a_pretend_gpu(checkout, tmp_path, monkeypatch
     monkeypatch.setattr("dino_fast.gpu_check.summary.optional_packages", lambda: {"xformers": "0.0.99"})
     monkeypatch.setenv("SYNTHETIC_SLEEP_S", "0")
     results = tmp_path / "results"
-    rc = check.run_check(120.0, str(results), str(tmp_path / "work"), root=str(checkout))
+    rc = check.run_check(120.0, str(results), str(tmp_path / "work"), root=str(checkout), echo=print)
     out = capsys.readouterr().out
     assert rc == 1, out
     data = json.loads((results / "h200.json").read_text())

@@ -140,8 +140,8 @@ def _gpu_check(args) -> int:
     from dino_fast.gpu_check.plan import GpuCheckError
     try:
         if args.dry_run:
-            return dry_run(args.time_budget, as_json=args.json)
-        return run_check(args.time_budget, workdir=os.path.join(args.output, "gpu-check"))
+            return dry_run(args.time_budget, as_json=args.json, echo=print)
+        return run_check(args.time_budget, workdir=os.path.join(args.output, "gpu-check"), echo=print)
     except GpuCheckError as exc:
         print(f"dino-fast bench --gpu-check: {exc}", file=sys.stderr)
         return 2

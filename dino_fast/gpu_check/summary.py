@@ -38,8 +38,10 @@ def optional_packages() -> dict:
     return out
 
 
-def build_report(parts, plan, elapsed_s: float, optional: dict | None = None) -> tuple[dict, dict]:
-    """(the "gpu_check" section, the bench cases {name: record}) from the part results."""
+def build_report(parts, plan, elapsed_s: float, optional: dict | None = None,
+                 budget_s: float | None = None) -> tuple[dict, dict]:
+    """(the "gpu_check" section, the bench cases {name: record}) from the part results;
+    budget_s: the whole check's (default: the plan's, what the parts had)."""
     tests, figures, cases = [], [], {}
     for p in parts:
         for t in p.tests:
@@ -55,7 +57,7 @@ def build_report(parts, plan, elapsed_s: float, optional: dict | None = None) ->
             tests.append({"nodeid": t["nodeid"], "part": p.name, "outcome": t["outcome"],
                           "reason": t.get("reason", ""), "duration_s": t.get("duration_s")})
     section = {
-        "budget_s": plan.budget_s, "elapsed_s": round(elapsed_s, 1), "optional": optional or {},
+        "budget_s": plan.budget_s if budget_s is None else budget_s, "elapsed_s": round(elapsed_s, 1), "optional": optional or {},
         "parts": [{"name": p.name, "what": p.what, "status": p.status, "seconds": p.seconds,
                    "budget_s": round(p.budget_s, 1), "exit_code": p.exit_code, "counts": p.counts(),
                    "note": p.note} for p in parts],
