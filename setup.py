@@ -34,7 +34,7 @@ setup(
     # Core requirements are all present on a machine that already has a CUDA
     # PyTorch stack, so `pip install -e . --no-deps` works there.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # FSDP2 public names (fully_shard, MixedPrecisionPolicy, FSDPModule)
         "torchvision",
         "numpy",
         "timm",
