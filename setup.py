@@ -67,6 +67,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
+        "gpu": ["xformers"],   # GPU machines: the xformers attention path and its tests
         "export": ["safetensors"],
         "test": ["pytest", "pytest-benchmark", "scikit-image", "safetensors"],
     },
