@@ -29,9 +29,9 @@ def test_cpu_counts_the_loader_not_the_step():
     waits = []
     for batch, waited in timed:
         waits.append(waited)
-        time.sleep(0.2)              # the step: must not count
+        time.sleep(0.4)              # the step: must not count
     assert len(waits) == 3
-    assert all(0.1 <= w < 0.2 for w in waits), waits
+    assert all(0.1 <= w < 0.35 for w in waits), waits
     assert timed.take() == 0.0
 
 
