@@ -109,7 +109,16 @@ def _to_torch(tensor_list, device: torch.device, stream=None) -> torch.Tensor:
     out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
                       device=device if on_gpu else torch.device("cpu"))
     feed_ndarray(dense, out, cuda_stream=stream if on_gpu else None)
-    return out if out.device == device else out.to(device)
+    return out if out.device == device else _host_to(out, device)
+
+
+def _host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory, asynchronously: a pageable
+    copy would wait for all the work queued on the compute stream (the previous training
+    step), and that GPU compute would count as data time."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class DaliMultiCrop:
@@ -209,7 +218,7 @@ class DaliMultiCrop:
             else:   # webdataset .cls members: ASCII integers, empty when absent
                 labels = torch.tensor([int(bytes(np.asarray(raw[i])).decode().strip() or -1)
                                        for i in range(len(raw))], dtype=torch.long)
-            labels = labels.to(loader.device)
+            labels = _host_to(labels, loader.device)
             if self.return_params:
                 yield crops, labels, [], _to_torch(outs[self.ncrops + 1], torch.device("cpu"))
             else:

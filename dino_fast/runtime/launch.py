@@ -415,6 +415,22 @@ def _is_timeout(exc: BaseException) -> bool:
     return bool(re.search(r"time(d)?[ _-]?out", str(exc), re.IGNORECASE))
 
 
+def collective_error(name: str, exc: BaseException, waited: float | None, rank: int, world: int,
+                     timeout_min: float | None) -> CollectiveError:
+    """The CollectiveError for collective `name` that raised `exc` after `waited` seconds (None:
+    not known)."""
+    what = "timed out" if _is_timeout(exc) else "failed"
+    after = f" after {waited:.1f} s" if waited is not None else ""
+    limit = f" (dist_timeout {timeout_min:g} min)" if timeout_min is not None else ""
+    return CollectiveError(
+        f"rank {rank}/{world}: collective '{name}' {what}{after}{limit}. "
+        f"Usual causes: another rank crashed (its log shows the first error), is stuck loading "
+        f"data or writing a checkpoint, or ranks ran different code (e.g. a different number of "
+        f"batches per epoch). If a long wait is expected (first-step compilation, slow storage), "
+        f"raise --dist_timeout. Original error: {type(exc).__name__}: {_first_line(exc)}",
+        name, rank)
+
+
 def named_collective(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run `fn(*args, **kwargs)` (a collective or barrier) under the name `name`.
 
@@ -437,16 +453,7 @@ def named_collective(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any)
             event.record()
         return result
     except RuntimeError as exc:
-        waited = time.monotonic() - t0
-        what = "timed out" if _is_timeout(exc) else "failed"
-        limit = f" (dist_timeout {timeout_min:g} min)" if timeout_min is not None else ""
-        raise CollectiveError(
-            f"rank {rank}/{world}: collective '{name}' {what} after {waited:.1f} s{limit}. "
-            f"Usual causes: another rank crashed (its log shows the first error), is stuck loading "
-            f"data or writing a checkpoint, or ranks ran different code (e.g. a different number of "
-            f"batches per epoch). If a long wait is expected (first-step compilation, slow storage), "
-            f"raise --dist_timeout. Original error: {type(exc).__name__}: {_first_line(exc)}",
-            name, rank) from exc
+        raise collective_error(name, exc, time.monotonic() - t0, rank, world, timeout_min) from exc
     finally:
         if wd is not None and token is not None:
             wd.end(token, event)

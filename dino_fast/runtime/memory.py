@@ -7,18 +7,19 @@
 - state bytes per GPU: fp32 master weights, fp32 gradients, optimizer state
   (AdamW 2 x fp32, SGD/LARS 1 x fp32 momentum), the fp32 teacher, and the
   compute copies - under FSDP2 all four are sharded 1/world_size, plus the
-  all-gathered bf16 copies of the root group (embeddings, final norm, head) and
+  all-gathered fp32 copies of the root group (embeddings, final norm, head) and
   of two blocks (current + prefetched) and their unsharded gradients in flight;
-  on one device with autocast, a bf16 copy of every student weight (autocast's
-  weight cache lives from the forward to the backward);
+  with autocast (one device and FSDP2 alike: dino_fast/train/precision.py), a
+  bf16 copy of every student weight (autocast's weight cache lives from the
+  forward to the backward);
 - activation bytes per image for every crop size, with and without activation
   checkpointing, and the head / logits / loss bytes per image;
 - the largest micro-batch that fits `gpu_memory` GiB minus a safety margin.
 
 Activation model (saved-for-backward tensors of one pre-norm ViT block, per token,
 D = width, H = heads, a = compute bytes (2 bf16/fp16, 4 fp32), r = residual-stream
-bytes (4 with autocast or fp32: autocast runs LayerNorm and the residual adds in
-fp32; 2 under FSDP2's bf16 param policy, where everything is bf16)):
+bytes (4: autocast runs LayerNorm and the residual adds in fp32, on one device and
+under FSDP2 alike)):
     LN1 input r·D, LN1 output (qkv input) a·D, qkv a·3D, attention output a·D,
     LN2 input r·D, LN2 output (fc1 input) a·D, GELU input a·4D, GELU output (fc2 input) a·4D,
     LayerNorm mean/rstd 4·4 bytes,
@@ -27,7 +28,7 @@ fp32; 2 under FSDP2's bf16 param policy, where everything is bf16)):
       groups' outputs are concatenated before the projection);
     + math attention: the softmax probabilities H·L per token (a bytes, plus a 4-byte fp32
       copy under autocast, which runs softmax in fp32).
-  = (2r + 14a)·D (+ a·D for sdpa) per token: 36·D bytes with autocast bf16, 32·D under FSDP2.
+  = (2r + 14a)·D (+ a·D for sdpa) per token: 36·D bytes with autocast bf16.
   Activation checkpointing keeps only each block's input (r·D per token) and recomputes one
   block at a time in the backward (one block's activations for the whole micro-batch).
   Per crop-image also: the patch-embedding input 3·S²·a and the final norm + head MLP
@@ -299,10 +300,9 @@ def _plan(x: PlanInputs) -> MemoryPlan:
     p_root = p_student - units * p_block          # embeddings + final norm + head: FSDP2's root group
 
     low = x.precision in ("bf16", "fp16")
-    fsdp_bf16 = x.sharded and x.precision == "bf16"    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16)
-    autocast = low and not fsdp_bf16                   # everything else runs under torch.autocast
+    autocast = low                                     # one device and FSDP2 alike (train/precision.py)
     a = 2 if low else 4
-    r = 2 if fsdp_bf16 else 4
+    r = 4                                              # fp32 residual stream
     w = x.world_size if x.sharded else 1
 
     # ---- state per GPU -------------------------------------------------------------------
@@ -313,7 +313,7 @@ def _plan(x: PlanInputs) -> MemoryPlan:
         "teacher weights (fp32)": 4 * p_student // w,
     }
     if x.sharded:
-        gathered = 2 if fsdp_bf16 else 4
+        gathered = 4                                   # FSDP2 all-gathers the fp32 parameters
         # root group unsharded through forward+backward (student; teacher during its forward),
         # two blocks gathered at a time (current + prefetch), their unsharded grads + fp32 reduce copies
         state["FSDP2 all-gathered weights"] = gathered * (2 * p_root + 2 * p_block)

@@ -4,9 +4,10 @@ Student and teacher are `MultiCropWrapper(vit, DINOHead)` as in the reference;
 the teacher starts as a copy of the student and never gets gradients. With
 FSDP2 both are sharded the same way (`fully_shard` on every block, then on the
 root) so each rank's teacher shard lines up with its student shard and the EMA
-runs on local shards without communication. Mixed precision is one policy,
-here: bf16 parameters for compute, fp32 gradient reduction, fp32 master
-weights (only on CUDA; CPU runs fp32).
+runs on local shards without communication. Mixed precision is one policy for
+one device and for FSDP2 (precision.py): bf16 autocast compute, fp32 parameters,
+fp32 gradient reduction, fp32 master weights (on CUDA, or on the CPU with
+cpu_autocast; else fp32).
 
 Backbones: the config's ViT (with its DINOv2 / DINOv3 options) or convnet, or with --init_from
 the architecture and weights of that file (init_from.py). Convnets run the reference's
@@ -14,7 +15,6 @@ per-resolution loop, and their BatchNorm layers become SyncBatchNorm with more t
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -79,19 +79,10 @@ def build_loss(cfg, device: torch.device) -> nn.Module:
 
 
 def mixed_precision(cfg, device: torch.device, use_fsdp: bool):
-    """(FSDP MixedPrecisionPolicy or None, autocast context factory, GradScaler or None).
-    bf16 under FSDP2 is the policy alone (it casts parameters and inputs); on one device, autocast."""
-    cuda = device.type == "cuda"
-    if not cuda or cfg.precision == "fp32":
-        return None, contextlib.nullcontext, None
-    if cfg.precision == "bf16":
-        if use_fsdp:
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            return policy, contextlib.nullcontext, None
-        return None, (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
-    # fp16: autocast + dynamic loss scaling (the reference's use_fp16)
-    return None, (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    """(FSDP MixedPrecisionPolicy or None, autocast context factory, GradScaler or None): autocast
+    on one device and under FSDP2 alike, fp32 parameters all-gathered (precision.py says why)."""
+    from .precision import mixed_precision as plan
+    return plan(cfg.precision, device, use_fsdp, getattr(cfg, "cpu_autocast", False))
 
 
 def shard(model: nn.Module, world_size: int, device: torch.device, policy, teacher: bool = False) -> nn.Module:
@@ -100,7 +91,8 @@ def shard(model: nn.Module, world_size: int, device: torch.device, policy, teach
     The teacher passes reshard_after_forward=True explicitly: FSDP2 otherwise keeps the
     root's parameters unsharded after forward (expecting a backward to follow), and the
     teacher has no backward, so its next forward would reuse the stale unsharded copy
-    instead of the EMA-updated shards."""
+    instead of the EMA-updated shards. torch honours it for the root only from 2.8, so the
+    teacher's root is also resharded by a forward hook (reshard.py) on every version."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world_size,))
@@ -111,6 +103,9 @@ def shard(model: nn.Module, world_size: int, device: torch.device, policy, teach
     for block in fsdp_units(model.backbone):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
+    if teacher:  # torch < 2.8 ignores reshard_after_forward on the root: reshard it explicitly
+        from .reshard import reshard_root_after_forward
+        reshard_root_after_forward(model)
     return model
 
 

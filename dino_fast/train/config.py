@@ -91,7 +91,7 @@ class TrainConfig:
     preset: str = ""
     """Name of the preset this config started from (informational; set by --preset)."""
     precision: str = "bf16"
-    """bf16 (FSDP param_dtype / autocast bf16, fp32 master weights), fp16 (autocast + grad scaler) or fp32. Reduced precision applies on CUDA devices; CPU runs fp32."""
+    """bf16 (FSDP param_dtype / autocast bf16, fp32 master weights), fp16 (autocast + grad scaler) or fp32. Autocast on one device and under FSDP2 alike, fp32 parameters. Reduced precision applies on CUDA devices; CPU runs fp32 (unless --cpu_autocast)."""
     attention: str = "auto"
     """Attention backend of the ViT: auto, xformers, flash, flex, sdpa or math."""
     loss_impl: str = "auto"
@@ -182,6 +182,10 @@ class TrainConfig:
     # ---- resume: resume validation and interruptions ----
     extend_epochs: bool = False
     """Resume a run with more --epochs than it was started with: the schedules are rebuilt for the new epoch count (as if planned that long) and training continues at the iteration reached."""
+
+    # ---- gpupath: the GPU's mixed precision on the CPU (tests of the default GPU path) ----
+    cpu_autocast: bool = False
+    """Apply --precision bf16/fp16 on the CPU too (CPU autocast, as CUDA runs; slow): the GPU path's numerics on a machine without one, for tests."""
 
 
 @lru_cache(maxsize=1)

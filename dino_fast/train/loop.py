@@ -75,15 +75,10 @@ def build_loader(cfg: TrainConfig, run: Run):
 
 
 def _timed(loader):
-    """Yield (batch, seconds spent waiting for it) — host timestamps around next()."""
-    it = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        yield batch, time.perf_counter() - t0
+    """(batch, seconds waited for it) per step; on CUDA the wait is measured on the device
+    and added up by `.take()` at the logging step (data_wait.py says why)."""
+    from .data_wait import DataWait
+    return DataWait(loader)
 
 
 class _Window:
@@ -219,18 +214,26 @@ def _train(cfg: TrainConfig, stop) -> dict:
         loader.set_epoch(epoch)
         logger.start_epoch(epoch)
         win, ep = _Window(run.device), _Window(run.device)
-        for (crops, _), waited in _timed(loader):  # ============ data (host wait timed) ============
+        timed = _timed(loader)
+        for (crops, _), waited in timed:  # ============ data (wait timed: data_wait.py) ============
             # ============ forward → loss → backward → step → EMA ============
             try:
                 loss = train_step(st, crops, it, epoch)
             except torch.OutOfMemoryError as exc:
                 raise _oom(cfg, run, exc) from exc
+            except RuntimeError as exc:  # FSDP2's collectives inside the step: named (runtime/step_collectives.py)
+                from dino_fast.runtime.step_collectives import step_collective_error
+                named = step_collective_error(exc, it) if run.world_size > 1 else None
+                if named is None:
+                    raise
+                raise named from exc
             # ============ log: device sums, read every log_interval steps ============
             win.add(loss, it, waited)
             it += 1
             logger.advance()
             if win.n == cfg.log_interval or ep.n + win.n == len(loader):
                 values, dt = win.read(dino_loss, run.world_size, epoch, last_ckpt)   # the host sync
+                win.wait += timed.take() if hasattr(timed, "take") else 0.0          # device-side waits
                 img_s = win.n * imgs_per_step / dt
                 rec = {"epoch": epoch, "it": it, **values, "lr": float(schedules.lr[it - 1]),
                        "wd": float(schedules.wd[it - 1]), "momentum": float(schedules.momentum[it - 1]),
