@@ -20,7 +20,7 @@ import torch
 
 from .config import AugmentConfig
 from .sampling import epoch_indices, num_batches
-from .sources import open_source
+from .sources import BatchSizeError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,10 @@ class MultiCropLoader:
     def _check_size(self) -> None:
         n_rank = len(self._indices())
         if n_rank < self.batch_size and self.drop_last:
-            raise ValueError(f"{self.source!r}: {n_rank} images on rank {self.rank} of {self.world_size} is "
-                             f"fewer than batch_size={self.batch_size} with drop_last; lower the batch size")
+            raise BatchSizeError(
+                f"{self.source!r}: {n_rank} images on rank {self.rank} of {self.world_size} is fewer than "
+                f"batch_size={self.batch_size} with drop_last; lower the batch size to at most {n_rank}",
+                images=len(self.source), per_rank=n_rank, batch_size=self.batch_size, world_size=self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for `epoch` (same permutation on every rank)."""

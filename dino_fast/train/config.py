@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
+from dino_fast.errors import UserError
 from dino_fast.model.registry import VIT_ARCHS
 
 ARCHS = tuple(VIT_ARCHS)  # the ViTs; any torchvision / timm classification model name is a convnet
@@ -192,7 +193,7 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names the argument and the fix."""
 
 

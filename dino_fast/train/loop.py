@@ -161,10 +161,11 @@ def train(cfg: TrainConfig) -> dict:
     """Train under `cfg`; returns a summary dict (losses, k-NN before/after for the demo)."""
     run = setup(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards them)
+    from .data_check import checked_loader  # userdata: data errors before anything is written
+    loader = checked_loader(build_loader, cfg, run)
     if run.rank == 0:
         save_config(cfg, cfg.output_dir)
     # ============ models, loss, optimizer, schedules ============
-    loader = build_loader(cfg, run)
     student, teacher = build_pair(cfg)
     from dino_fast.model.backbone_config import config_from_model
     run_args = {**to_dict(cfg), "backbone_config": config_from_model(student.backbone).to_dict()}  # exact, for load
