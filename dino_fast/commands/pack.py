@@ -23,8 +23,6 @@ import os
 import tarfile
 import time
 
-import numpy as np
-
 from dino_fast.errors import UserError
 
 HELP = "pack an image folder into webdataset tar shards"
@@ -74,6 +72,7 @@ def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int
          on_error: str = "skip", overwrite: bool = False, progress: bool = True,
          verify: bool = True) -> dict:
     """Pack `src` into shards under `dst`; returns the summary written to <prefix>.json."""
+    import numpy as np
     from tqdm import tqdm
 
     from dino_fast.io import atomic_write_json
