@@ -8,7 +8,7 @@ fix. `dino-fast` (dino_fast/cli.py) prints it as `dino-fast <command>: error:
 global `--debug` flag.
 
 Packages that must not import dino_fast's trainer code keep their own error
-classes (dino_fast.pipelines: `SourceError`, `BadImageError`; dino_fast.eval:
+classes (dino_fast.pipelines: `SourceError`, `PipelineError`, `BadImageError`; dino_fast.eval:
 `CheckpointError`); `user_error_types()` collects them with `UserError` so the
 command line catches them all, without importing a module (and torch) only
 to name its error class: an error class whose module was never imported
@@ -25,6 +25,7 @@ class UserError(Exception):
 
 # errors of modules that stay independent of this one: (module, class name)
 _ELSEWHERE = (("dino_fast.pipelines.sources", "SourceError"),
+              ("dino_fast.pipelines.loader", "PipelineError"),
               ("dino_fast.pipelines.images", "BadImageError"),
               ("dino_fast.eval.load", "CheckpointError"))
 

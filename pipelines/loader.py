@@ -33,14 +33,25 @@ def dali_available() -> bool:
     return True
 
 
+BACKENDS = ("auto", "dali", "torch")
+
+
+class PipelineError(ValueError):
+    """A backend that is not one of BACKENDS or cannot run here; the message says what to use."""
+
+
+class BackendUnavailableError(PipelineError, ImportError):
+    """backend='dali' without NVIDIA DALI installed."""
+
+
 def choose_backend(backend: str, device: torch.device, encoded: bool = True) -> str:
-    if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"backend={backend!r}: choose 'auto', 'dali' or 'torch'")
+    if backend not in BACKENDS:
+        raise PipelineError(f"backend={backend!r}: choose 'auto', 'dali' or 'torch'")
     if backend == "auto":
         return "dali" if device.type == "cuda" and dali_available() else "torch"
     if backend == "dali" and not dali_available():
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-                          "(or the build for your CUDA), or use backend='torch'")
+        raise BackendUnavailableError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                                      "(or the build for your CUDA), or use backend='torch'")
     return backend
 
 

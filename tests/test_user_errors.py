@@ -70,6 +70,31 @@ def test_train_unreadable_file_list_is_one_line(tmp_path, capsys):
     assert not out.exists() or _tree(out) == []
 
 
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--attention", "flashy", "--attention 'flashy' is not one of: auto, xformers, flash, flex, sdpa, math"),
+    ("--loss_impl", "cuda", "--loss_impl 'cuda' is not one of: auto, triton, torch"),
+    ("--ema_impl", "fused", "--ema_impl 'fused' is not one of: auto, triton, foreach, loop"),
+    ("--pipeline", "tf", "--pipeline 'tf' is not one of: auto, dali, torch")])
+def test_train_backend_names_are_checked_before_anything_is_written(tmp_path, capsys, flag, value, expect):
+    write_photos(tmp_path / "four", 4, size=40)
+    rc, out = _train(tmp_path, tmp_path / "four", flag, value, "--batch_size_per_gpu", "2")
+    assert rc == 2 and expect in _error_line(capsys, "train")
+    assert not out.exists()
+
+
+def test_dali_pipeline_without_dali_is_a_one_line_error(tmp_path, capsys):
+    from dino_fast.pipelines.loader import BackendUnavailableError, PipelineError, choose_backend, dali_available
+    if dali_available():
+        pytest.skip("DALI is installed here")
+    write_photos(tmp_path / "four", 4, size=40)
+    rc, out = _train(tmp_path, tmp_path / "four", "--pipeline", "dali", "--batch_size_per_gpu", "2")
+    assert rc == 2 and "--pipeline dali needs NVIDIA DALI" in _error_line(capsys, "train") and not out.exists()
+    import torch
+    with pytest.raises(BackendUnavailableError) as err:           # the library: still an ImportError too
+        choose_backend("dali", torch.device("cpu"))
+    assert isinstance(err.value, ImportError) and isinstance(err.value, PipelineError)
+
+
 def test_debug_flag_shows_the_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no images found"):
