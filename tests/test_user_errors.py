@@ -95,6 +95,15 @@ def test_dali_pipeline_without_dali_is_a_one_line_error(tmp_path, capsys):
     assert isinstance(err.value, ImportError) and isinstance(err.value, PipelineError)
 
 
+def test_train_output_dir_that_is_a_file(tmp_path, capsys):
+    write_photos(tmp_path / "four", 4, size=40)
+    (tmp_path / "taken").write_text("a file")
+    rc = cli.main(["train", "--data_path", str(tmp_path / "four"), "--output_dir", str(tmp_path / "taken" / "run"),
+                   "--device", "cpu", "--batch_size_per_gpu", "2"])
+    assert rc == 2 and f"{tmp_path / 'taken'} is a file, not a folder" in _error_line(capsys, "train")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_debug_flag_shows_the_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no images found"):

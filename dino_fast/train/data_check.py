@@ -1,13 +1,16 @@
-"""The training data, opened and checked before the run writes anything.
+"""The training data and the output folder, checked before the run writes anything.
 
-`checked_loader(build, cfg, run)` builds the loader (which opens the source:
-missing, empty, unreadable sources raise `SourceError` at once) and turns the
-pipeline's batch-size error into the words of the train command: the flag
+`checked_loader(build, cfg, run)` checks that --output_dir can be created or
+written, builds the loader (which opens the source: missing, empty,
+unreadable sources raise `SourceError` at once) and turns the pipeline's
+batch-size error into the words of the train command: the flag
 (`--batch_size_per_gpu`), the dataset size and the largest batch that works.
 The loop calls it before `config.json` is written, so a run that cannot start
 leaves nothing in its output folder.
 """
 from __future__ import annotations
+
+import os
 
 from .config import ConfigError
 
@@ -23,9 +26,22 @@ def batch_size_message(data_path: str, batch_size: int, images: int, per_rank: i
             f"use --batch_size_per_gpu {per_rank} or less (or add images)")
 
 
+def check_output_dir(output_dir: str) -> None:
+    """--output_dir is a writable folder, or can be made in a writable one (nothing is created)."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"--output_dir {output_dir}: {path} is a file, not a folder; choose another --output_dir")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output_dir}: {path} is not writable; choose another --output_dir")
+
+
 def checked_loader(build, cfg, run):
-    """build(cfg, run) -> loader, with the batch-vs-dataset error naming --batch_size_per_gpu."""
+    """build(cfg, run) -> loader, after check_output_dir, with the batch-vs-dataset error naming
+    --batch_size_per_gpu."""
     from dino_fast.pipelines.sources import BatchSizeError
+    check_output_dir(cfg.output_dir)
     try:
         return build(cfg, run)
     except BatchSizeError as err:
