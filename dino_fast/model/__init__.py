@@ -1,11 +1,11 @@
 """DINO ViT backbones (with the DINOv2 / DINOv3 options), convnets, projection head and packed
 multi-crop wrapper.
 
-Names are imported lazily (as in dino_fast/__init__.py): `dino_fast.model.registry` (the
+Names are imported lazily (dino_fast._lazy_exports): `dino_fast.model.registry` (the
 architecture table the train config checks names against) loads without torch, so
 `dino-fast train --help` stays instant.
 """
-from importlib import import_module
+from dino_fast import _lazy_exports
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -26,14 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dino_fast.model' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

@@ -268,8 +268,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.monitor_knn and not all(os.path.isdir(os.path.join(cfg.monitor_knn, d)) for d in ("train", "val")):
         raise ConfigError(f"--monitor_knn {cfg.monitor_knn!r}: needs train/ and val/ ImageFolders (one subfolder "
                           "per class) inside; a few thousand labelled images keep each evaluation short")
-    from .backend_check import check_backends  # userdata: backend names are one-line errors too
-    check_backends(cfg)
+    from .backend_check import backend_problem  # userdata: backend names are one-line errors too
+    if (problem := backend_problem(cfg)) is not None:
+        raise ConfigError(problem)
     return cfg
 
 
