@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug or not isinstance(err, user_error_types()):
             raise
-        print(f"dino-fast {name}: error: {one_line(err)} (--debug: traceback)", file=sys.stderr)
+        print(f"dino-fast {name}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -76,6 +76,11 @@ def test_a_tiny_folder_gets_a_batch_that_fits(tmp_path):
     assert overrides["batch_size_per_gpu"] == 16                     # given: kept (the loader names it if too big)
 
 
+def test_an_empty_folder_gets_no_sizing_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert choose_sizes(None, {"data_path": str(tmp_path / "empty")}, world_size=1, gpu=None)[2] is None
+
+
 @pytest.mark.parametrize("preset,overrides", [("vit_s16_in1k", {"data_path": "x"}), (None, {}),
                                               ("small", {"data_path": "x"}), (None, {"data_path": "demo"})])
 def test_no_choice_with_a_preset_or_without_data(preset, overrides):

@@ -133,6 +133,8 @@ def choose_sizes(preset: str | None, overrides: dict, world_size: int | None = N
                                  "the memory plan, --preset small a run sized for small data")
     from .presets import PRESETS
     chosen = "small"
+    if n == 0:                   # nothing to size for: the loader names the empty folder
+        return chosen, overrides, None
     overrides = dict(overrides)
     batch = overrides.get("batch_size_per_gpu", PRESETS[chosen]["batch_size_per_gpu"])
     lowered = ""
