@@ -128,6 +128,12 @@ def test_pack_missing_or_empty_source(tmp_path, capsys):
     assert cli.main(["pack", str(tmp_path / "empty"), str(tmp_path / "dst")]) == 2
     assert "no images found" in _error_line(capsys, "pack")
     assert not (tmp_path / "dst").exists()
+    write_photos(tmp_path / "src", 1, size=40)
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["pack", str(tmp_path / "src"), str(tmp_path / "file")]) == 2
+    assert "DST exists and is not a folder" in _error_line(capsys, "pack")
+    assert cli.main(["pack", str(tmp_path / "src"), str(tmp_path / "dst"), "--shard-size", "0"]) == 2
+    assert "--shard-size 0: must be >= 1" in _error_line(capsys, "pack")
 
 
 def test_pack_existing_shards_keeps_them(tmp_path, capsys):
