@@ -30,14 +30,21 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dino_fast' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+def _lazy_exports(package: str, exports: dict[str, str], namespace: dict):
+    """(__getattr__, __dir__) for a package whose public names live in exports[name] (a module),
+    each imported on first use (PEP 562). Here, so that every package can use it and importing
+    `dino_fast` imports nothing else (kernels/ import with the rest of dino_fast absent)."""
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(module), name)
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return list(namespace.get("__all__", sorted(exports)))
+    return __getattr__, __dir__
 
 
-def __dir__():
-    return __all__
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

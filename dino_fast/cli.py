@@ -6,6 +6,10 @@ Only the chosen subcommand's module is imported, so `dino-fast kernels`
 never imports DALI and `dino-fast --help` is instant. Every subcommand's
 parser is a `dino_fast.flags.Parser` (bare boolean flags, "did you mean"
 for unknown options).
+
+Errors the user can fix (dino_fast.errors.user_error_types: bad data, existing
+shards, a bad option value, ...) are one line on stderr and exit status 2; the
+global flag `--debug` (anywhere on the line) shows their traceback instead.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: dino-fast <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "`dino-fast <command> --help` for a command's options."]
+    lines += ["", "`dino-fast <command> --help` for a command's options; `--debug` (any command): "
+              "tracebacks instead of one-line errors."]
     return "\n".join(lines)
 
 
@@ -51,6 +56,8 @@ def build_parser(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -64,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     module, parser = build_parser(name)
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(module.run(args) or 0)
+    from dino_fast.errors import one_line, user_error_types
+    try:
+        return int(module.run(args) or 0)
+    except Exception as err:
+        if debug or not isinstance(err, user_error_types()):
+            raise
+        print(f"dino-fast {name}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 from .config import AugmentConfig
 from .sampling import epoch_indices, num_batches
-from .sources import open_source
+from .sources import BatchSizeError, open_source
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,25 @@ def dali_available() -> bool:
     return True
 
 
+BACKENDS = ("auto", "dali", "torch")
+
+
+class PipelineError(ValueError):
+    """A backend that is not one of BACKENDS or cannot run here; the message says what to use."""
+
+
+class BackendUnavailableError(PipelineError, ImportError):
+    """backend='dali' without NVIDIA DALI installed."""
+
+
 def choose_backend(backend: str, device: torch.device, encoded: bool = True) -> str:
-    if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"backend={backend!r}: choose 'auto', 'dali' or 'torch'")
+    if backend not in BACKENDS:
+        raise PipelineError(f"backend={backend!r}: choose 'auto', 'dali' or 'torch'")
     if backend == "auto":
         return "dali" if device.type == "cuda" and dali_available() else "torch"
     if backend == "dali" and not dali_available():
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-                          "(or the build for your CUDA), or use backend='torch'")
+        raise BackendUnavailableError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                                      "(or the build for your CUDA), or use backend='torch'")
     return backend
 
 
@@ -119,8 +130,10 @@ class MultiCropLoader:
     def _check_size(self) -> None:
         n_rank = len(self._indices())
         if n_rank < self.batch_size and self.drop_last:
-            raise ValueError(f"{self.source!r}: {n_rank} images on rank {self.rank} of {self.world_size} is "
-                             f"fewer than batch_size={self.batch_size} with drop_last; lower the batch size")
+            raise BatchSizeError(
+                f"{self.source!r}: {n_rank} images on rank {self.rank} of {self.world_size} is fewer than "
+                f"batch_size={self.batch_size} with drop_last; lower the batch size to at most {n_rank}",
+                images=len(self.source), per_rank=n_rank, batch_size=self.batch_size, world_size=self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for `epoch` (same permutation on every rank)."""

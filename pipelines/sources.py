@@ -32,6 +32,14 @@ class SourceError(ValueError):
     """The data source is missing, empty or malformed; the message says what to do."""
 
 
+class BatchSizeError(SourceError):
+    """Fewer images per process than one batch (with drop_last): not a single step per epoch."""
+
+    def __init__(self, message: str, *, images: int, per_rank: int, batch_size: int, world_size: int):
+        super().__init__(message)
+        self.images, self.per_rank, self.batch_size, self.world_size = images, per_rank, batch_size, world_size
+
+
 class Source:
     """Base: `names` (display names), `labels` (int64 array, -1 = unlabelled)."""
     encoded = True
@@ -211,6 +219,16 @@ def _file_list(path: Path) -> Source:
 
 def open_source(spec) -> Source:
     """Resolve a user's source (path, glob, list of shards, Source) into a `Source`."""
+    try:
+        return _open_source(spec)
+    except (PermissionError, NotADirectoryError, UnicodeDecodeError) as err:   # unreadable lists / folders
+        where = getattr(err, "filename", None) or spec
+        why = getattr(err, "strerror", None) or f"not a text file ({err.reason})"
+        raise SourceError(f"{where}: cannot read it ({why}); check its permissions, or pass an image "
+                          "folder, a .txt file list or .tar shards") from None
+
+
+def _open_source(spec) -> Source:
     if isinstance(spec, Source):
         return spec
     if isinstance(spec, (list, tuple)):

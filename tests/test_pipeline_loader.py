@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dino_fast.cli import main as cli_main
-from dino_fast.commands.pack import pack
+from dino_fast.commands.pack import PackError, pack
 from dino_fast.pipelines import BadImageError, MultiCropLoader, decode_rgb, open_source
 from tests.test_pipeline_sources import SMALL, photo, write_photos
 
@@ -196,7 +196,7 @@ def test_pack_then_load_shards_round_trip(tmp_path, backend, capsys):
         crops, labels = run_epoch(loader)
         assert sorted(labels) == sorted(int(x) for x in good)
         assert all(c.shape[1:] == (3, 64, 64) for c in crops[0][:2])
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(PackError, match="--overwrite"):
         pack(tmp_path / "src", str(tmp_path / "shards"), progress=False)
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import dataclass
 
 SCHEMA = 1
@@ -62,17 +61,8 @@ def results_path(results_dir: str, device_kind: str) -> str:
 
 
 def write_json_atomic(path: str, data) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from dino_fast.io import atomic_write_text
+    atomic_write_text(json.dumps(data, indent=1, sort_keys=True, default=_jsonable) + "\n", path)
 
 
 def _jsonable(value):

@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 
 from dino_fast.benchmark.baseline import RESULTS_DIR, ROOT
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -152,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if new != text:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(a.readme)), suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(new)
-        os.replace(tmp, a.readme)
+        from dino_fast.io import atomic_write_text
+        atomic_write_text(new, a.readme)
     print(f"{a.readme}: performance block {'updated' if new != text else 'already up to date'}")
     return 0

@@ -8,7 +8,7 @@ HELP = "export a checkpoint (reference / dinov2 / dinov3 layouts, timm, safetens
 
 def add_arguments(parser) -> None:
     from dino_fast.eval.cli_common import add_checkpoint_args
-    from dino_fast.eval.export import FORMATS
+    from dino_fast.eval.export_formats import FORMATS
     add_checkpoint_args(parser)
     g = parser.add_argument_group("export")
     g.add_argument("--format", default="reference", choices=FORMATS,

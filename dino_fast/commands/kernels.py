@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 HELP = "compile every Triton kernel ahead of time, report registers/spills"
 
@@ -80,10 +79,8 @@ def _git_commit() -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from dino_fast.io import atomic_write_text
+    atomic_write_text(text, path)
 
 
 def write_results(out_dir: str, rows, arch_names: list[str], max_spill: int) -> list[str]:

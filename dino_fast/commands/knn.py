@@ -3,6 +3,7 @@
 Resize 256 + CenterCrop 224, k in 10 20 100 200, T = 0.07)."""
 from __future__ import annotations
 
+import sys
 import time
 
 HELP = "weighted k-NN evaluation of a checkpoint's features"
@@ -14,7 +15,8 @@ def add_arguments(parser) -> None:
     add_data_args(parser)
     g = parser.add_argument_group("k-NN")
     g.add_argument("--nb_knn", default=[10, 20, 100, 200], nargs="+", type=int,
-                   help="numbers of neighbours (20 is usually best)")
+                   help="numbers of neighbours (20 is usually best); values above the number of train images "
+                        "are clipped to it, with a warning")
     g.add_argument("--temperature", default=0.07, type=float, help="temperature T of the exp(sim / T) votes")
     g.add_argument("--output", default=None, help="also write the results as JSON here")
 
@@ -24,7 +26,7 @@ def run(args) -> int:
     from dino_fast.eval.data import eval_datasets
     from dino_fast.eval.features import dataset_features
     from dino_fast.eval.io import atomic_write_json
-    from dino_fast.eval.knn import format_table, knn_evaluate
+    from dino_fast.eval.knn import clip_ks, format_table, knn_evaluate
     from dino_fast.eval.load import load_with_config
 
     try:
@@ -34,11 +36,11 @@ def run(args) -> int:
         train_ds, val_ds = eval_datasets(args.data_path, args.resize, args.crop)
         model, cfg = load_with_config(args.checkpoint, args.checkpoint_key, arch=args.arch,
                                       patch_size=args.patch_size, attention=args.attention, device=device)
-        if max(args.nb_knn) > len(train_ds):
-            raise ValueError(f"--nb_knn {max(args.nb_knn)} exceeds the {len(train_ds)} train images; "
-                             "pass smaller values")
     except USER_ERRORS as e:
         return fail("knn", e)
+    nb_knn, clipped = clip_ks(args.nb_knn, len(train_ds))
+    if clipped:
+        print(f"dino-fast knn: warning: --nb_knn {clipped}", file=sys.stderr)
 
     print(f"{args.checkpoint}: {cfg.name} ({args.checkpoint_key}); {len(train_ds)} train / {len(val_ds)} val "
           f"images, {len(train_ds.classes)} classes, device {device}")
@@ -48,7 +50,7 @@ def run(args) -> int:
     train_f, train_y = dataset_features(model, train_ds, desc="train features", **common)
     val_f, val_y = dataset_features(model, val_ds, desc="val features", **common)
     t1 = time.perf_counter()
-    results = knn_evaluate(train_f, train_y, val_f, val_y, args.nb_knn, args.temperature,
+    results = knn_evaluate(train_f, train_y, val_f, val_y, nb_knn, args.temperature,
                            num_classes=len(train_ds.classes))
     if device.type == "cuda":
         import torch

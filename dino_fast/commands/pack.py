@@ -10,21 +10,27 @@ names and counts. Every shard is written to a temporary name and renamed
 when complete, so an interrupted run never leaves a truncated shard behind.
 Every image is decoded once to verify it (so loaders can read the shards with
 validate="header"); bad images are skipped with a warning (or abort with
---on-error fail).
+--on-error fail). A pack that stops (a bad image with --on-error fail, an
+error, Ctrl-C) removes the shards it wrote: shards without their <prefix>.json
+are an incomplete set. Errors the user can fix are `PackError` (one line from
+the command line, exit status 2).
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tarfile
 import time
 
-import numpy as np
+from dino_fast.errors import UserError
 
 HELP = "pack an image folder into webdataset tar shards"
 log = logging.getLogger("dino_fast.pack")
+
+
+class PackError(UserError):
+    """A pack that cannot run or complete; the message names the file or flag and the fix."""
 
 
 def add_arguments(parser) -> None:
@@ -66,22 +72,28 @@ def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int
          on_error: str = "skip", overwrite: bool = False, progress: bool = True,
          verify: bool = True) -> dict:
     """Pack `src` into shards under `dst`; returns the summary written to <prefix>.json."""
+    import numpy as np
     from tqdm import tqdm
 
+    from dino_fast.io import atomic_write_json
     from dino_fast.pipelines.images import BadImageError
     from dino_fast.pipelines.sources import open_source
     if shard_size < 1:
-        raise ValueError(f"--shard-size {shard_size}: must be >= 1")
+        raise PackError(f"--shard-size {shard_size}: must be >= 1 (images per shard)")
     source = open_source(src)
     if not source.encoded:
-        raise ValueError("pack reads files; an in-memory ArraySource has nothing to pack")
+        raise PackError("pack reads files; an in-memory ArraySource has nothing to pack")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise PackError(f"{dst}: DST exists and is not a folder; choose another DST")
+    created = not os.path.exists(dst)
     os.makedirs(dst, exist_ok=True)
     existing = sorted(f for f in os.listdir(dst) if f.startswith(prefix + "-") and f.endswith(".tar"))
     if existing and not overwrite:
-        raise FileExistsError(f"{dst} already holds {len(existing)} '{prefix}-*.tar' shards; "
-                              "pass --overwrite or choose another DST / --prefix")
-    for f in existing:
-        os.remove(os.path.join(dst, f))
+        raise PackError(f"{dst} already holds {len(existing)} '{prefix}-*.tar' shards; "
+                        "pass --overwrite or choose another DST / --prefix")
+    meta = os.path.join(dst, f"{prefix}.json")
+    for path in [os.path.join(dst, f) for f in existing] + ([meta] if existing and os.path.exists(meta) else []):
+        os.remove(path)
     order = np.arange(len(source)) if seed is None else np.random.default_rng(seed).permutation(len(source))
     shards, skipped, count, mtime = [], [], 0, time.time()
     tar, tmp_path = None, None
@@ -94,37 +106,53 @@ def pack(src, dst: str, shard_size: int = 1000, prefix: str = "shard", seed: int
         shards.append(os.path.basename(final))
         tar = None
 
-    for i in tqdm(order, desc=f"pack {src}", unit="img", disable=not progress):
-        i = int(i)
-        try:
-            data, ext = _encoded(source.read(i), source.name(i), verify)
-        except (BadImageError, OSError) as err:
-            if on_error == "fail":
-                raise
-            log.warning("skipping bad image: %s", err)
-            skipped.append(source.name(i))
-            continue
-        if tar is None:
-            tmp_path = os.path.join(dst, f"{prefix}-{len(shards):06d}.tar.tmp")
-            tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
-        key = f"{count:09d}"
-        _member(tar, f"{key}.{ext}", data, mtime)
-        if source.labels[i] >= 0:
-            _member(tar, f"{key}.cls", str(int(source.labels[i])).encode(), mtime)
-        count += 1
-        if count % shard_size == 0:
+    try:
+        for i in tqdm(order, desc=f"pack {src}", unit="img", disable=not progress):
+            i = int(i)
+            try:
+                data, ext = _encoded(source.read(i), source.name(i), verify)
+            except (BadImageError, OSError) as err:
+                if on_error == "fail":
+                    raise PackError(f"{' '.join(str(err).split())}; stopped by --on-error fail (no shards "
+                                    "kept): fix or remove the file, or pass --on-error skip") from err
+                log.warning("skipping bad image: %s", err)
+                skipped.append(source.name(i))
+                continue
+            if tar is None:
+                tmp_path = os.path.join(dst, f"{prefix}-{len(shards):06d}.tar.tmp")
+                tar = tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT)
+            key = f"{count:09d}"
+            _member(tar, f"{key}.{ext}", data, mtime)
+            if source.labels[i] >= 0:
+                _member(tar, f"{key}.cls", str(int(source.labels[i])).encode(), mtime)
+            count += 1
+            if count % shard_size == 0:
+                close()
+        if tar is not None:
             close()
-    if tar is not None:
-        close()
-    if count == 0:
-        raise ValueError(f"{src}: every image was unreadable ({len(skipped)} skipped); nothing packed")
-    summary = {"source": str(src), "images": count, "skipped": skipped, "shards": shards,
-               "shard_size": shard_size, "classes": source.classes}
-    meta = os.path.join(dst, f"{prefix}.json")
-    with open(meta + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(meta + ".tmp", meta)
+        if count == 0:
+            raise PackError(f"{src}: every image was unreadable ({len(skipped)} skipped, e.g. "
+                            f"{skipped[0] if skipped else '-'}); nothing packed")
+        summary = {"source": str(src), "images": count, "skipped": skipped, "shards": shards,
+                   "shard_size": shard_size, "classes": source.classes}
+        atomic_write_json(summary, meta, sort_keys=False)
+    except BaseException:
+        _remove_partial(dst, tar, tmp_path, shards)
+        if created and not os.listdir(dst):
+            os.rmdir(dst)
+        raise
     return summary
+
+
+def _remove_partial(dst: str, tar, tmp_path: str | None, shards: list[str]) -> None:
+    """After a failed pack: the open temporary shard and the shards this run completed."""
+    if tar is not None:
+        tar.close()
+    for path in ([tmp_path] if tmp_path else []) + [os.path.join(dst, s) for s in shards]:
+        if os.path.exists(path):
+            os.remove(path)
+    if shards:
+        log.warning("pack stopped: removed the %d shard(s) it had written to %s", len(shards), dst)
 
 
 def run(args) -> int:

@@ -20,7 +20,8 @@ def add_arguments(parser) -> None:
     from dino_fast.train.presets import PRESETS
     docs = field_docs()
     parser.add_argument("--preset", default=None, help=f"start from a named config: {', '.join(PRESETS)} "
-                        "(default: demo when no --data_path is given, else the reference defaults)")
+                        "(default: demo when no --data_path is given; with --data_path, small on a CPU or for "
+                        "fewer than 20000 images, else the reference defaults; the choice is printed)")
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
@@ -48,11 +49,15 @@ def overrides_from_args(args) -> dict:
 def run(args) -> int:
     from dino_fast.train.config import ConfigError
     from dino_fast.train.presets import resolve
+    from dino_fast.train.sizing import choose_sizes  # userdata: --data_path without --preset
     try:
-        cfg = resolve(args.preset, overrides_from_args(args))
+        preset, overrides, chosen = choose_sizes(args.preset, overrides_from_args(args))
+        cfg = resolve(preset, overrides)
     except ConfigError as exc:
         print(f"dino-fast train: {exc}", file=sys.stderr)
         return 2
+    if chosen:
+        print(f"dino-fast train: {chosen}", file=sys.stderr)
     if cfg.dry_run:
         return _dry_run(cfg)
     from dino_fast.train.interrupt import Interrupted
@@ -130,4 +135,6 @@ def _dry_run(cfg) -> int:
     plan = memory_plan_from_config(cfg, world_size=world, gpu_memory=cfg.gpu_memory or None,
                                    backbone=student.backbone)
     print(format_plan(plan))
+    from dino_fast.train.sizing import checkpoint_line
+    print(checkpoint_line(cfg, student))
     return 0

@@ -20,9 +20,8 @@ import os
 import torch
 
 from dino_fast.eval.io import atomic_torch_save, atomic_write
+from dino_fast.eval.export_formats import FORMATS
 from dino_fast.eval.load import SAFETENSORS_FORMAT, BackboneConfig, CheckpointError, load_with_config
-
-FORMATS = ("reference", "dinov2", "dinov3", "timm", "safetensors")
 
 
 def _plain_state_dict(model: torch.nn.Module) -> dict:

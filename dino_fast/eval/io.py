@@ -1,43 +1,17 @@
-"""Atomic file writes and file hashing for the evaluation tools."""
+"""Atomic file writes (dino_fast.io, plus torch.save) and file hashing for the evaluation tools."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
-from typing import Callable
 
 import torch
 
-
-def atomic_write(path: str, write: Callable[[str], None]) -> str:
-    """Call write(tmp_path) for a temp file next to `path`, then rename it
-    over `path` (readers never see a partial file). Returns `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]  # keep the extension: some writers use it (PNG)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+from dino_fast.io import atomic_write, atomic_write_json  # noqa: F401  (the evaluation tools' writers)
 
 
 def atomic_torch_save(obj, path: str) -> str:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_json(obj, path: str) -> str:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-    return atomic_write(path, write)
 
 
 def file_sha256(path: str, block: int = 1 << 24) -> str:

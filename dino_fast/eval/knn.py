@@ -120,6 +120,19 @@ def _check_labels(train_labels: torch.Tensor, test_labels: torch.Tensor, num_cla
                              f"got [{int(labels.min())}, {int(labels.max())}]")
 
 
+def clip_ks(ks: Iterable[int], n_train: int) -> tuple[list[int], str | None]:
+    """The k values with those above the train-set size replaced by it (sorted, unique), and a
+    warning naming the clipped values (None when nothing was clipped)."""
+    ks = sorted(set(int(k) for k in ks))
+    over = [k for k in ks if k > n_train]
+    if not over:
+        return ks, None
+    clipped = sorted({min(k, n_train) for k in ks})
+    return clipped, (f"{' '.join(map(str, over))} exceed{'s' if len(over) == 1 else ''} the {n_train} train "
+                     f"images: using k = {' '.join(map(str, clipped))} (a k-NN vote cannot have more neighbours "
+                     "than train images)")
+
+
 @torch.no_grad()
 def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, ks: Iterable[int] = DEFAULT_KS, T: float = DEFAULT_T,
@@ -206,5 +219,5 @@ def format_table(results: dict[int, tuple[float, float]], title: str = "") -> st
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_KS", "DEFAULT_T", "knn_neighbors", "knn_vote", "knn_evaluate", "knn_predict",
+__all__ = ["DEFAULT_KS", "DEFAULT_T", "clip_ks", "knn_neighbors", "knn_vote", "knn_evaluate", "knn_predict",
            "knn_classifier", "knn_classifier_reference", "format_table"]

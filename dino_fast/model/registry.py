@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import torch.nn as nn
-
 
 @dataclass(frozen=True)
 class VitArch:
@@ -52,6 +50,8 @@ def build_vit(arch: str, patch_size: int = 16, *, norm_eps: float = 1e-6, **kwar
     """VisionTransformer `arch` (qkv bias on, LayerNorm eps 1e-6 as the reference and DINOv2;
     DINOv3 uses 1e-5); kwargs override the table (depth, mlp_ratio, ffn_layer, ...) and pass
     every VisionTransformer option through."""
+    import torch.nn as nn
+
     from dino_fast.model.vit import VisionTransformer
     a = vit_arch(arch)
     kw = dict(embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,

@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
+from dino_fast.errors import UserError
 from dino_fast.model.registry import VIT_ARCHS
 
 ARCHS = tuple(VIT_ARCHS)  # the ViTs; any torchvision / timm classification model name is a convnet
@@ -200,7 +201,7 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work; the message names the argument and the fix."""
 
 
@@ -275,6 +276,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.monitor_knn and not all(os.path.isdir(os.path.join(cfg.monitor_knn, d)) for d in ("train", "val")):
         raise ConfigError(f"--monitor_knn {cfg.monitor_knn!r}: needs train/ and val/ ImageFolders (one subfolder "
                           "per class) inside; a few thousand labelled images keep each evaluation short")
+    from .backend_check import backend_problem  # userdata: backend names are one-line errors too
+    if (problem := backend_problem(cfg)) is not None:
+        raise ConfigError(problem)
     return cfg
 
 

@@ -164,7 +164,8 @@ def _train(cfg: TrainConfig, stop) -> dict:
     run = setup(cfg)
     stop.rank, stop.world_size, stop.device = run.rank, run.world_size, run.device
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards them)
-    loader = build_loader(cfg, run)
+    from .data_check import checked_loader  # userdata: data errors before anything is written
+    loader = checked_loader(build_loader, cfg, run)
     # ============ resume check (reads only), then the first writes ============
     from .resume_check import check_resume, record
     from .stale import remove_stale

@@ -40,6 +40,15 @@ PRESETS: dict[str, dict] = {
                  data_path="demo", output_dir="dino_demo", precision="bf16"),
 }
 
+# ---- userdata: your own images on a CPU or one small GPU ----
+# A few thousand images (dino_fast/train/sizing.py picks it for `--data_path` without --preset on a CPU
+# or below 20k images): ViT-tiny/16 on 128 px global / 64 px local crops (8x8 and 4x4 patch grids), 6 local
+# crops, K = 4096 with a 1024-wide head, batch 32; lr 0.002 for a total batch of 256 (scaled to 0.00025 at
+# 32); one checkpoint.pth of ~130 MB, no periodic copies.
+PRESETS["small"] = dict(arch="vit_tiny", patch_size=16, out_dim=4096, head_hidden_dim=1024, head_bottleneck_dim=256,
+                        global_size=128, local_size=64, local_crops_number=6, batch_size_per_gpu=32, epochs=100,
+                        warmup_epochs=10, lr=0.002, min_lr=1e-5, saveckp_freq=0, num_workers=4)
+
 
 def get_preset(name: str) -> dict:
     if name not in PRESETS:
