@@ -12,9 +12,9 @@ atomically (temp file, then os.replace).
 from __future__ import annotations
 
 import os
-import tempfile
 
 from dino_fast.benchmark import baseline as bench_baseline
+from dino_fast.io import atomic_write_text
 
 FIGURES_KEY = "gpu_check_figures"     # a GPU test's record_property key for numbers to report
 FOLDED_PARTS = ("kernel_suites", "benches")   # the markdown lists only their tests that did not pass
@@ -67,19 +67,6 @@ def build_report(parts, plan, elapsed_s: float, optional: dict | None = None,
     return section, cases
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_results(results_dir: str, device_kind: str, device_name: str, section: dict,
                   cases: dict[str, dict]) -> tuple[str, str]:
     """Merge `cases` into bench/results/<device>.json (the baseline; bench_baseline.save),
@@ -89,7 +76,7 @@ def write_results(results_dir: str, device_kind: str, device_name: str, section:
     data["gpu_check"] = section
     bench_baseline.write_json_atomic(path, data)
     md = os.path.join(results_dir, f"{device_kind}.md")
-    write_text_atomic(md, render_markdown(data))
+    atomic_write_text(render_markdown(data), md)
     return path, md
 
 
