@@ -10,9 +10,8 @@ per rectangle, each needing 0 < new patches <= the allowance); stop when a
 rectangle adds nothing. A batch of B global-crop images: int(B * p) of them
 get a target share U(r_i, r_{i+1}) of the N patches, r = linspace(min, max,
 n + 1) (so the shares cover the range evenly), the rest none; the list is
-shuffled. The same random calls in the same order as DINOv2, so with the same
-`random` state the masks are DINOv2's (its ratio bins are a float32
-`torch.linspace`, these float64: a boundary can round the other way).
+shuffled. The same random calls in the same order and the same float32 ratio
+bins as DINOv2, so with the same `random` state the masks are DINOv2's.
 
 The result carries what the step needs on the device, made here on the host
 so the step has no boolean indexing (no host sync): the flat indices of the
@@ -109,7 +108,7 @@ def sample_masks(n_images: int, grid: tuple[int, int], mask_ratio_min_max=(0.1, 
     if generator is None:
         generator = MaskingGenerator((h, w), max_num_patches=0.5 * n, rng=rng)
     n_masked_images = int(n_images * mask_sample_probability)
-    probs = np.linspace(mask_ratio_min_max[0], mask_ratio_min_max[1], n_masked_images + 1)
+    probs = torch.linspace(*mask_ratio_min_max, n_masked_images + 1)       # float32, as DINOv2
     masks = [generator(int(n * rng.uniform(probs[i], probs[i + 1]))) for i in range(n_masked_images)]
     masks += [generator(0) for _ in range(n_masked_images, n_images)]
     rng.shuffle(masks)

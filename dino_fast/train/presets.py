@@ -40,6 +40,10 @@ PRESETS: dict[str, dict] = {
                  data_path="demo", output_dir="dino_demo", precision="bf16"),
 }
 
+from dino_fast.dinov2.presets import DINOV2_PRESETS, dinov2_demo  # noqa: E402  (dinov2train: --method dinov2)
+
+PRESETS.update({**DINOV2_PRESETS, "dinov2_demo": dinov2_demo(PRESETS["demo"])})
+
 
 def get_preset(name: str) -> dict:
     if name not in PRESETS:
@@ -57,7 +61,7 @@ def resolve(preset: str | None = None, overrides: dict | None = None, check: boo
         raise ConfigError(f"unknown option(s) {', '.join('--' + u for u in unknown)}; "
                           "see `dino-fast train --help`")
     if preset is None and "data_path" not in overrides:
-        preset = "demo"
+        preset = "dinov2_demo" if overrides.get("method") == "dinov2" else "demo"
     values = get_preset(preset) if preset else {}
     values.update(overrides)
     cfg = replace(TrainConfig(), **values, preset=preset or "")
