@@ -1,0 +1,83 @@
+"""`dino-fast train --method dinov2` end to end on CPU: a 2-step run (both
+centrings, Gram anchoring on) with every loss term and both heads' entropies
+in the log and finite, the same over 2 gloo processes with FSDP2, the DINO
+default untouched, and the demo learning (k-NN before -> after)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dino_fast.train.presets import resolve
+from tests._dist import run_distributed
+
+TINY = dict(method="dinov2", patch_size=4, depth=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+            global_size=16, local_size=8, local_crops_number=2, batch_size_per_gpu=8, max_images=16, epochs=1,
+            warmup_epochs=0, lr=0.005, log_interval=1, num_workers=0, knn_eval=False, drop_path_rate=0.1,
+            drop_path_uniform=True, saveckp_freq=0, momentum_teacher=0.9, device="cpu", layerwise_decay=0.9,
+            patch_embed_lr_mult=0.2, freeze_last_layer=0)
+TERMS = ("dino_local", "dino_global", "ibot", "koleo", "gram")
+ENTROPIES = ("teacher_entropy", "student_entropy", "ibot_teacher_entropy", "ibot_student_entropy")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _steps(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == "step"]
+
+
+@pytest.mark.parametrize("centering,separate", [("softmax", False), ("sinkhorn_knopp", True)])
+def test_two_steps_log_every_term_finite(tmp_path, centering, separate):
+    from dino_fast.train.loop import train
+    cfg = resolve(None, {**TINY, "output_dir": str(tmp_path / "run"), "centering": centering,
+                         "ibot_separate_head": separate, "ibot_out_dim": 48, "ibot_head_hidden_dim": 32,
+                         "ibot_head_bottleneck_dim": 16, "gram_loss_weight": 0.5, "gram_teacher_size": 24,
+                         "gram_update_frequency": 1})
+    train(cfg)
+    steps = _steps(cfg.output_dir)
+    assert [r["it"] for r in steps] == [1, 2]
+    for r in steps:
+        for k in ("loss",) + TERMS + ENTROPIES:
+            assert k in r and r[k] == r[k] and abs(r[k]) < 1e4, (k, r.get(k))
+        assert r["gram"] > 0                                  # the Gram teacher ran (refreshed every step)
+        assert r["ibot"] > 0 and r["dino_local"] > 0 and r["dino_global"] > 0
+    ck = torch.load(os.path.join(cfg.output_dir, "checkpoint.pth"), map_location="cpu", weights_only=True)
+    assert set(ck["dino_loss"]) == {"dino_loss.center", "ibot_patch_loss.center"}
+    assert "backbone.mask_token" in ck["student"] and ("ibot_head.last_layer.weight_v" in ck["student"]) == separate
+    if centering == "softmax":                                # the EMA centres moved
+        assert ck["dino_loss"]["ibot_patch_loss.center"].abs().sum() > 0
+
+
+def test_dino_method_stays_the_default():
+    cfg = resolve(None, {})
+    assert cfg.method == "dino" and cfg.preset == "demo"
+    assert resolve(None, {"method": "dinov2"}).preset == "dinov2_demo"
+
+
+def _fsdp_worker(rank, world, out_dir):
+    from dino_fast.train.loop import train
+    cfg = resolve(None, {**TINY, "output_dir": out_dir, "fsdp": "on", "ibot_separate_head": True,
+                         "ibot_out_dim": 48, "ibot_head_hidden_dim": 32, "ibot_head_bottleneck_dim": 16,
+                         "gram_loss_weight": 0.5, "gram_update_frequency": 1, "max_images": 32})
+    torch.set_num_threads(1)
+    train(cfg)
+
+
+def test_fsdp_two_gloo_processes(tmp_path):
+    out = str(tmp_path / "fsdp")
+    run_distributed(_fsdp_worker, out, world_size=2)
+    steps = _steps(out)
+    assert [r["it"] for r in steps] == [1, 2]
+    for r in steps:
+        for k in ("loss",) + TERMS + ENTROPIES:
+            assert k in r and r[k] == r[k], (k, r.get(k))
+    assert os.path.exists(os.path.join(out, "checkpoint"))     # the sharded checkpoint
