@@ -12,6 +12,7 @@ import torch
 
 from dino_fast.train.presets import resolve
 from tests._dist import run_distributed
+from tests.test_train import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 TINY = dict(method="dinov2", patch_size=4, depth=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
             global_size=16, local_size=8, local_crops_number=2, batch_size_per_gpu=8, max_images=16, epochs=1,
@@ -22,12 +23,6 @@ TERMS = ("dino_local", "dino_global", "ibot", "koleo", "gram")
 ENTROPIES = ("teacher_entropy", "student_entropy", "ibot_teacher_entropy", "ibot_student_entropy")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _steps(out_dir):

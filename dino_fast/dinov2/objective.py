@@ -47,6 +47,13 @@ class DINOv2Objective(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
         self.gram = None           # a GramAnchor (gram.py), set by the builder; not part of the state dict
 
+    def state_dict(self, *args, **kwargs):
+        """The centres with their pending lazy update applied first (the same update the next step
+        would apply), so a checkpoint holds it and a resumed run continues exactly."""
+        self.dino_loss.apply_center_update()
+        self.ibot_patch_loss.apply_center_update()
+        return super().state_dict(*args, **kwargs)
+
     # ---- teacher probabilities ----
     @torch.no_grad()
     def teacher_dino(self, logits: torch.Tensor, temp: float):
