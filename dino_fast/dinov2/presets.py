@@ -83,5 +83,5 @@ DINOV2_PRESETS: dict[str, dict] = {
 
 
 def dinov2_demo(demo: dict) -> dict:
-    return dict(demo, method="dinov2", output_dir="dinov2_demo", epochs=6, koleo_loss_weight=0.1,
+    return dict(demo, method="dinov2", output_dir="dinov2_demo", epochs=4, koleo_loss_weight=0.1,
                 ibot_loss_weight=1.0, layerwise_decay=1.0)
