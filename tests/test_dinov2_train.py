@@ -76,3 +76,33 @@ def test_fsdp_two_gloo_processes(tmp_path):
         for k in ("loss",) + TERMS + ENTROPIES:
             assert k in r and r[k] == r[k], (k, r.get(k))
     assert os.path.exists(os.path.join(out, "checkpoint"))     # the sharded checkpoint
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
+    """Killed after epoch 1's checkpoint and resumed == uninterrupted: the step losses (masks from
+    (seed, iteration, rank), lazy centres saved with their pending update) and the final weights."""
+    from dino_fast.train import checkpoint
+    from dino_fast.train.loop import train
+    kw = {**TINY, "epochs": 2, "saveckp_freq": 1, "log_interval": 2, "drop_path_rate": 0.0}
+    train(resolve(None, {**kw, "output_dir": str(tmp_path / "full")}))
+    save = checkpoint.save
+
+    def save_then_die(*a, **k):
+        save(*a, **k)
+        raise _Interrupt
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(_Interrupt):
+        train(resolve(None, {**kw, "output_dir": str(tmp_path / "cut")}))
+    monkeypatch.setattr(checkpoint, "save", save)
+    resumed = train(resolve(None, {**kw, "output_dir": str(tmp_path / "cut")}))
+    assert resumed["start_epoch"] == 1
+    assert [r["loss"] for r in _steps(tmp_path / "cut")] == [r["loss"] for r in _steps(tmp_path / "full")]
+    a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)
+    for part in ("student", "teacher", "dino_loss"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
