@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-HELP = "pretrain a ViT with DINO (no arguments: the demo run)"
+HELP = "pretrain a ViT with DINO, or DINOv2 / DINOv3 with --method dinov2 (no arguments: the demo run)"
 
 
 def add_arguments(parser) -> None:
@@ -105,6 +105,8 @@ def _dry_run(cfg) -> int:
     if cfg.init_from:
         from dino_fast.train.init_from import read_init
         init = read_init(cfg.init_from, cfg.init_from_key).architecture_only()
+    if cfg.method == "dinov2":  # mask token + iBOT head (dino_fast/dinov2/network.py)
+        from dino_fast.dinov2.network import build_dinov2_network as build_network
     with torch.device("meta"):
         student = build_network(cfg, student=True, init=init)
     n_params = sum(p.numel() for p in student.parameters())
