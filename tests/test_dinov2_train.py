@@ -106,3 +106,20 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     for part in ("student", "teacher", "dino_loss"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_ibot_head_collapse_monitor_reads_the_ibot_entropy():
+    """The second monitor sees the iBOT head's entropy under the DINO names and says which head."""
+    import math
+
+    from dino_fast.dinov2.build import ibot_monitor, ibot_record
+    cfg = resolve(None, {**TINY, "ibot_separate_head": True, "ibot_out_dim": 48, "collapse_patience": 2})
+    mon = ibot_monitor(cfg)
+    assert mon.out_dim == 48
+    rec = {"epoch": 0, "lr": 1e-3, "teacher_entropy": 1.0, "student_entropy": 2.0,
+           "ibot_teacher_entropy": math.log(48), "ibot_student_entropy": math.log(48), "ibot_teacher_max_prob": 0.02}
+    view = ibot_record(rec)
+    assert view["teacher_entropy"] == math.log(48) and view["teacher_max_prob"] == 0.02 and view["lr"] == 1e-3
+    assert mon.update(view, 0) is None
+    alarm = mon.update(view, 0)
+    assert alarm.startswith("iBOT head") and "UNIFORM" in alarm
