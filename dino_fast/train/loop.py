@@ -17,13 +17,13 @@ import torch.distributed as dist
 from dino_fast.kernels.dino_loss import STAT_NAMES
 
 from . import checkpoint
-from .build import build_loss, build_pair, prepare
+from .build import build_loss, build_pair, prepare  # noqa: F401  (the DINO path, via methods.py)
 from .config import ConfigError, TrainConfig, to_dict
 from .config import save as save_config
 from .logger import RunLogger
 from .methods import method_parts
-from .optim import build_optimizer, build_schedules, get_params_groups
-from .step import StepState, train_step
+from .optim import build_optimizer, build_schedules, get_params_groups  # noqa: F401
+from .step import StepState, train_step  # noqa: F401
 
 log = logging.getLogger(__name__)
 
