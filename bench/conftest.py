@@ -64,7 +64,7 @@ def pytest_configure(config):
 
 
 def _case_name(item) -> str:
-    return item.nodeid.split("bench/", 1)[-1]
+    return bench_baseline.case_name(item.nodeid)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -28,7 +28,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+_skip_without_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def requires_cuda(test):
+    """A GPU-only test: skipped without CUDA, marked `gpu` (dino-fast bench --gpu-check runs it)."""
+    return pytest.mark.gpu(_skip_without_cuda(test))
 
 
 @pytest.fixture(autouse=True)

@@ -66,6 +66,7 @@ def test_packed_attention_equals_per_row_cpu_fp32(backend):
     _check_backend(backend, torch.device("cpu"), torch.float32, 2e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["math", "sdpa", "flex", "flash", "xformers"])
 def test_packed_attention_equals_per_row_cuda_bf16(backend):
@@ -147,6 +148,7 @@ def test_packed_equals_per_group_wrapper_same_model(backend):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["sdpa", "flex", "flash", "xformers"])
 def test_packed_model_equals_reference_per_group_cuda(backend):

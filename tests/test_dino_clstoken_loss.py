@@ -16,6 +16,7 @@ from tests.conftest import requires_cuda
 
 IMPLS = ("triton", "torch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
+pytestmark = pytest.mark.gpu   # DEVICE follows CUDA: dino-fast bench --gpu-check runs this module
 K, B, TAU = 301, 3, 0.04
 
 

@@ -236,6 +236,7 @@ def test_public_export():
     assert dino_fast.ema_update_ is ema_update_
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("t_dtype,s_dtype", DTYPES)
 def test_cuda_against_exact(t_dtype, s_dtype):

@@ -15,6 +15,7 @@ from dino_fast.dinov2.ibot_patch_loss import masks_weight_from_masks
 
 IMPLS = ("triton", "torch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
+pytestmark = pytest.mark.gpu   # DEVICE follows CUDA: dino-fast bench --gpu-check runs this module
 IMAGES, P, K, TAU = 5, 13, 301, 0.04
 
 

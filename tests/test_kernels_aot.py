@@ -20,6 +20,7 @@ from dino_fast.kernels.spec import KernelSpec
 from tests import launch_recorder
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the interpreter runs the kernels on CPU
+pytestmark = pytest.mark.gpu   # DEVICE follows CUDA: dino-fast bench --gpu-check runs this module
 KERNELS_DIR = os.path.join(os.path.dirname(__file__), "..", "kernels")
 FIXTURE = "tests.kernels_broken_fixture"
 

@@ -220,6 +220,7 @@ def test_crop_box_fallback_is_the_reference_central_crop():
     assert tuple(boxes[0]) == tuple(boxes[1]) == expected == (0, 286, 20, 27)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_pipeline_matches_cpu_pipeline(tmp_path):
     """Same host-drawn decisions: nvJPEG + GPU ops vs the CPU pipeline, pixel for pixel

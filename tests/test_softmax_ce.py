@@ -23,6 +23,7 @@ from tests.conftest import requires_cuda
 
 IMPLS = ("triton", "torch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
+pytestmark = pytest.mark.gpu   # DEVICE follows CUDA: dino-fast bench --gpu-check runs this module
 K, TS, TT = 1001, 0.1, 0.04
 
 

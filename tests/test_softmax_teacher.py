@@ -13,6 +13,7 @@ from dino_fast.kernels.softmax_teacher import SoftmaxTeacher, softmax_teacher
 
 IMPLS = ("triton", "torch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the interpreter runs the kernels
+pytestmark = pytest.mark.gpu   # DEVICE follows CUDA: dino-fast bench --gpu-check runs this module
 N, K, TAU = 37, 1001, 0.04
 
 

@@ -52,6 +52,11 @@ def environment() -> dict:
             "commit": git_commit(), "versions": versions}
 
 
+def case_name(nodeid: str) -> str:
+    """A bench case's name in the baseline: its node id below bench/."""
+    return nodeid.split("bench/", 1)[-1]
+
+
 def results_path(results_dir: str, device_kind: str) -> str:
     return os.path.join(results_dir, f"{device_kind}.json")
 

@@ -54,6 +54,8 @@ def device_table(data: dict) -> str:
              f"`{data.get('commit', '?')}`, torch {v.get('torch', '?')}, triton {v.get('triton', '?')}, "
              f"CUDA {v.get('cuda', '?')}", "",
              "| case | ms | vs reference | achieved | % of peak |", "|---|---:|---:|---:|---:|"]
+    if data.get("gpu_check"):
+        lines[1:1] = ["", gpu_check_line(data)]
     for name, rec in sorted(data["cases"].items()):
         if "gbps" in rec:
             rate, frac = f"{rec['gbps']:.0f} GB/s", rec.get("frac_hbm")
@@ -65,6 +67,20 @@ def device_table(data: dict) -> str:
         lines.append(f"| `{name}` | {_num(rec.get('ms'))} | {ratio} | {rate} | "
                      f"{_num(None if frac is None else 100 * frac, '{:.0f}')} |")
     return "\n".join(lines)
+
+
+def gpu_check_line(data: dict) -> str:
+    """One line on the `dino-fast bench --gpu-check` run behind a device's results."""
+    g = data["gpu_check"]
+    counts: dict[str, int] = {}
+    for t in g.get("tests", []):
+        if t.get("part") != "benches":
+            counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    bad = [p["name"] for p in g.get("parts", []) if p.get("status") in ("failed", "timed out")]
+    md = f"bench/results/{data['device']}.md"
+    return ("`dino-fast bench --gpu-check`: GPU tests " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            + (f"; parts not passed: {', '.join(bad)}" if bad else "; every part passed")
+            + f" ([{md}]({md}))")
 
 
 def kernels_table(data: dict) -> str:

@@ -24,6 +24,11 @@ def add_arguments(parser) -> None:
                         help="comma-separated subset of: dino_loss, ema, model_fwd_bwd, pipeline_epoch, "
                              "train_step, knn (default: all)")
     add_bool_argument(parser, "--smoke", help="tiny shapes even on a GPU")
+    add_bool_argument(parser, "--gpu-check", help="every GPU test, then every bench --save-baseline, in a time "
+                      "budget; writes bench/results/<device>.json and .md (dino_fast.gpu_check)")
+    add_bool_argument(parser, "--dry-run", help="with --gpu-check: list what it would run (works on a CPU)")
+    parser.add_argument("--time-budget", type=float, default=480.0,
+                        help="with --gpu-check: seconds for the whole check (default 480)")
 
 
 def _row(rec: dict) -> list[str]:
@@ -82,6 +87,8 @@ def run_cases(names: list[str], device, smoke: bool, spec) -> list[dict]:
 
 
 def run(args) -> int:
+    if args.gpu_check or args.dry_run:
+        return _gpu_check(args)
     import torch
 
     from dino_fast.benchmark.baseline import environment, write_json_atomic
@@ -120,3 +127,21 @@ def run(args) -> int:
     for r in bad:
         print(f"dino-fast bench: {r['op']} {r['status']}: {r['error']}", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in bad) else 0
+
+
+def _gpu_check(args) -> int:
+    if not args.gpu_check:
+        print("dino-fast bench: --dry-run goes with --gpu-check", file=sys.stderr)
+        return 2
+    if not args.time_budget > 0:
+        print(f"dino-fast bench: --time-budget must be > 0 seconds, got {args.time_budget}", file=sys.stderr)
+        return 2
+    from dino_fast.gpu_check import dry_run, run_check
+    from dino_fast.gpu_check.plan import GpuCheckError
+    try:
+        if args.dry_run:
+            return dry_run(args.time_budget, as_json=args.json, echo=print)
+        return run_check(args.time_budget, workdir=os.path.join(args.output, "gpu-check"), echo=print)
+    except GpuCheckError as exc:
+        print(f"dino-fast bench --gpu-check: {exc}", file=sys.stderr)
+        return 2

@@ -55,7 +55,9 @@ def run(args) -> int:
         return 2
     if cfg.dry_run:
         return _dry_run(cfg)
+    from dino_fast.train.interrupt import Interrupted
     from dino_fast.train.loop import TrainingStopped, train
+    from dino_fast.train.resume_check import RunComplete
     arch = f"init from {cfg.init_from}" if cfg.init_from else f"{cfg.arch}/{cfg.patch_size}"
     print(f"dino-fast train: preset {cfg.preset or '(none)'}, {arch}, data {cfg.data_path}, "
           f"{cfg.epochs} epochs, output {cfg.output_dir}", file=sys.stderr)
@@ -65,6 +67,17 @@ def run(args) -> int:
     except TrainingStopped as exc:
         print(f"dino-fast train: stopped: {exc}", file=sys.stderr)
         return 3
+    except RunComplete as exc:  # nothing written
+        print(f"dino-fast train: {exc}", file=sys.stderr)
+        return 0
+    except Interrupted as exc:  # every rank exits 128 + signal; rank 0 says where
+        if exc.rank == 0:
+            print(f"dino-fast train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dino-fast train: interrupted (SIGINT); rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
     except ConfigError as exc:
         print(f"dino-fast train: {exc}", file=sys.stderr)
         return 2

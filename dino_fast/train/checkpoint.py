@@ -16,6 +16,10 @@ Atomic: a file is written to `<name>.tmp.<pid>` and renamed with os.replace; a
 directory is written to `<name>.tmp/`, the old one moved to `<name>.old/`, the
 new one renamed in, the old one removed. A kill at any moment leaves a
 complete checkpoint (`<name>` or, between the two renames, `<name>.old`).
+The periodic copy is made (atomically, from the temp) before the main
+checkpoint is replaced, so a kill can leave a copy of an epoch the resume
+redoes but never a missing copy; the temp files a kill leaves are removed at
+the next start (stale.py).
 """
 from __future__ import annotations
 
@@ -34,14 +38,32 @@ FILE, DIR = "checkpoint.pth", "checkpoint"
 
 
 # ---- small pieces ---------------------------------------------------------------------------
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+def atomic_torch_save(obj, path: str, copy_to: str | None = None) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`; `copy_to`
+    also gets the file (atomically, before `path` is replaced, so a kill in between leaves the
+    copy of an epoch that the resume redoes, never a missing copy)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if copy_to:
+        atomic_copy(tmp, copy_to)
     os.replace(tmp, path)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy a file or a folder to `dst` through `dst.tmp.<pid>` and a rename."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    if os.path.isdir(src):
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+    else:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
 
 
 def rng_state() -> dict:
@@ -111,10 +133,7 @@ def save(output_dir: str, st, *, epoch: int, it: int, args: dict, world_size: in
     if not use_fsdp:
         state["rng"] = rng_state()
         path = os.path.join(output_dir, FILE)
-        atomic_torch_save(state, path)
-        if keep_copy:
-            shutil.copyfile(path, os.path.join(output_dir, copy_name + ".pth.tmp"))
-            os.replace(os.path.join(output_dir, copy_name + ".pth.tmp"), os.path.join(output_dir, copy_name + ".pth"))
+        atomic_torch_save(state, path, copy_to=os.path.join(output_dir, copy_name + ".pth") if keep_copy else None)
         return path
     return _save_sharded(output_dir, state, copy_name if keep_copy else None)
 
@@ -129,6 +148,8 @@ def _save_sharded(output_dir: str, state: dict, copy_name: str | None) -> str:
     atomic_torch_save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
+        if copy_name:  # the copy first (atomically): a kill before the renames redoes this epoch
+            atomic_copy(tmp, os.path.join(output_dir, copy_name))
         if os.path.exists(final):
             if os.path.exists(old):
                 shutil.rmtree(old)
@@ -136,12 +157,6 @@ def _save_sharded(output_dir: str, state: dict, copy_name: str | None) -> str:
         os.replace(tmp, final)
         if os.path.exists(old):
             shutil.rmtree(old)
-        if copy_name:
-            dst = os.path.join(output_dir, copy_name)
-            shutil.rmtree(dst + ".tmp", ignore_errors=True)
-            shutil.copytree(final, dst + ".tmp")
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(dst + ".tmp", dst)
     _barrier()
     return final
 

@@ -179,6 +179,10 @@ class TrainConfig:
     monitor_every: int = 1
     """Epochs between two --monitor_knn evaluations (the last epoch is always evaluated)."""
 
+    # ---- resume: resume validation and interruptions ----
+    extend_epochs: bool = False
+    """Resume a run with more --epochs than it was started with: the schedules are rebuilt for the new epoch count (as if planned that long) and training continues at the iteration reached."""
+
     # ---- dinov2train: the DINOv2 / DINOv3 method (dino_fast/dinov2/; used with --method dinov2) ----
     method: str = "dino"
     """Training objective: dino (the reference DINO) or dinov2 (DINO on CLS + iBOT on masked patches + KoLeo, DINOv2 / DINOv3; the ViT gets a mask token)."""

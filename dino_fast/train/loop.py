@@ -159,17 +159,31 @@ def _oom(cfg, run, exc):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train under `cfg`; returns a summary dict (losses, k-NN before/after for the demo)."""
+    """Train under `cfg`; returns a summary dict (losses, k-NN before/after for the demo).
+    SIGINT / SIGTERM / SIGUSR1 stop it cleanly (interrupt.py): raises interrupt.Interrupted."""
+    from .interrupt import StopSignals
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop) -> dict:
     run = setup(cfg)
+    stop.rank, stop.world_size, stop.device = run.rank, run.world_size, run.device
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (FSDP shards them)
+    loader = build_loader(cfg, run)
+    # ============ resume check (reads only), then the first writes ============
+    from .resume_check import check_resume, record
+    from .stale import remove_stale
+    resume = check_resume(cfg, cfg.output_dir, run.world_size, len(loader.source))
     if run.rank == 0:
+        remove_stale(cfg.output_dir)
         save_config(cfg, cfg.output_dir)
     # ============ models, loss, optimizer, schedules ============
-    loader = build_loader(cfg, run)
     parts = method_parts(cfg)  # --method: dino (build/optim/step) or dinov2 (dino_fast/dinov2)
     student, teacher = parts.build_pair(cfg)
     from dino_fast.model.backbone_config import config_from_model
-    run_args = {**to_dict(cfg), "backbone_config": config_from_model(student.backbone).to_dict()}  # exact, for load
+    run_args = {**to_dict(cfg), "backbone_config": config_from_model(student.backbone).to_dict(),  # exact, for load
+                "resume": record(cfg, run.world_size, len(loader.source))}
     from dino_fast.model.flops import dino_step_flops_per_image
     flops_img = dino_step_flops_per_image(student.backbone, cfg.global_size, cfg.local_size, 2,
                                           cfg.local_crops_number, head=student.head)
@@ -180,10 +194,12 @@ def train(cfg: TrainConfig) -> dict:
     st = StepState(cfg, student, teacher, dino_loss, optimizer, schedules, autocast, scaler, run.use_fsdp)
     # ============ resume ============
     start_epoch, it, last_ckpt = 0, 0, None
-    if cfg.resume and (last_ckpt := checkpoint.find(cfg.output_dir)):
+    if resume is not None:
+        last_ckpt = resume.path
         pos = checkpoint.load(last_ckpt, st, world_size=run.world_size, use_fsdp=run.use_fsdp)
         start_epoch, it = pos["epoch"], pos["it"]
-        log.info("resumed from %s at epoch %d (iteration %d)", last_ckpt, start_epoch, it)
+        log.info("resumed from %s at epoch %d (iteration %d)%s", last_ckpt, start_epoch, it,
+                 "".join(f"; accepted: {n}" for n in resume.notes) if run.rank == 0 else "")
     summary = {"output_dir": cfg.output_dir, "start_epoch": start_epoch, "epochs": []}
     knn = cfg.knn_eval and cfg.data_path == "demo" and run.world_size == 1
     if knn:
@@ -201,6 +217,7 @@ def train(cfg: TrainConfig) -> dict:
     peak = bf16_peak_tflops(run.device) * 1e12 * run.world_size
     imgs_per_step = cfg.batch_size_per_gpu * run.world_size
 
+    stop.arm(len(loader), cfg.epochs)  # signals now stop at a step boundary
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         logger.start_epoch(epoch)
@@ -228,6 +245,8 @@ def train(cfg: TrainConfig) -> dict:
                     _check_collapse(ibot_monitor, parts.ibot_record(rec), cfg, dino_loss, run, it, last_ckpt, logger)
                 ep.merge(win)
                 win = _Window(run.device)
+            if ep.n + win.n < len(loader):  # the epoch's last step: checked after its checkpoint
+                stop.check(it, last_ckpt, window=win.n == 0)
         logger.end_epoch()
         # ============ epoch end: epoch record, checkpoint ============
         dt = time.perf_counter() - ep.t0
@@ -240,6 +259,7 @@ def train(cfg: TrainConfig) -> dict:
                                     world_size=run.world_size, use_fsdp=run.use_fsdp, keep_copy=keep)
         log.info("epoch %d/%d: loss %.4f, %.1f img/s, checkpoint %s", epoch + 1, cfg.epochs, rec["loss"],
                  rec["img_s"], last_ckpt)
+        stop.check(it, last_ckpt, window=True)
         if knn_monitor is not None and knn_monitor.due(epoch):  # every rank (sharded features); rank 0 logs
             logger.monitor(knn_monitor.evaluate(st.teacher, st.autocast, epoch=epoch, it=it))
     if knn:
