@@ -50,6 +50,8 @@ dinov3_vitl16_in1k — DINOv3's ImageNet-1k ViT-L recipe: facebookresearch/dinov
     params / fp32 reduce; crops as DINOv2's above; OFFICIAL_EPOCH_LENGTH 1250 at the stated
     total batch 2048, so the epoch counts are doubled as above. Gram anchoring is off there
     (gram.use_loss false in ssl_default_config.yaml).
+  Published result (DINOv3 README, ImageNet-1k ViT-L/16 on 4 H100-80GB nodes = 32 GPUs):
+  about 14 hours, 82.0 % k-NN, 83.5 % linear (the config's header says 82.2 / 83.3).
   Differences: DINOv3's heads with head_norm_last_layer false are plain linear layers; ours keep
   the weight-normalised parametrisation with a trainable norm (the same function class).
 """
