@@ -123,3 +123,19 @@ def test_ibot_head_collapse_monitor_reads_the_ibot_entropy():
     assert mon.update(view, 0) is None
     alarm = mon.update(view, 0)
     assert alarm.startswith("iBOT head") and "UNIFORM" in alarm
+
+
+def test_init_from_a_backbone_without_mask_token(tmp_path):
+    """--method dinov2 --init_from a released-style backbone (timm, no mask token): the backbone
+    weights load into student and teacher, the mask token starts at 0 (DINOv2's init)."""
+    timm = pytest.importorskip("timm")
+    from dino_fast.dinov2.network import build_dinov2_pair
+    torch.manual_seed(0)
+    t = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
+    path = tmp_path / "vits.pth"
+    torch.save(t.state_dict(), path)
+    cfg = resolve(None, {**TINY, "init_from": str(path), "global_size": 32, "local_size": 16, "patch_size": 16})
+    student, teacher = build_dinov2_pair(cfg)
+    assert torch.equal(student.backbone.mask_token, torch.zeros(1, 384))
+    torch.testing.assert_close(student.backbone.blocks[1].attn.qkv.weight, t.blocks[1].attn.qkv.weight)
+    torch.testing.assert_close(teacher.backbone.blocks[0].mlp.fc2.weight, t.blocks[0].mlp.fc2.weight)

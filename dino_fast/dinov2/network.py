@@ -77,8 +77,11 @@ def build_dinov2_network(cfg, student: bool, init=None) -> DINOv2Network:
 
     from dino_fast.model import DINOHead
     from dino_fast.train.build import build_backbone
-    if init is not None and not init.config.mask_token:   # --init_from a backbone without one: a fresh token
-        init = dataclasses.replace(init, config=dataclasses.replace(init.config, mask_token=True))
+    if init is not None and not init.config.mask_token:   # --init_from a backbone without one: a fresh (zero) token
+        sd = init.backbone
+        if sd is not None and "mask_token" not in sd:
+            sd = {**sd, "mask_token": torch.zeros(1, init.config.embed_dim)}
+        init = dataclasses.replace(init, config=dataclasses.replace(init.config, mask_token=True), backbone=sd)
     backbone = build_backbone(dataclasses.replace(cfg, mask_token=True), student, init)
     if student and cfg.drop_path_uniform and cfg.drop_path_rate:
         for blk in backbone.blocks:                 # DINOv2 drop_path_uniform: every block at the full rate
