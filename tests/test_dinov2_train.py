@@ -139,3 +139,34 @@ def test_init_from_a_backbone_without_mask_token(tmp_path):
     assert torch.equal(student.backbone.mask_token, torch.zeros(1, 384))
     torch.testing.assert_close(student.backbone.blocks[1].attn.qkv.weight, t.blocks[1].attn.qkv.weight)
     torch.testing.assert_close(teacher.backbone.blocks[0].mlp.fc2.weight, t.blocks[0].mlp.fc2.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_has_no_host_sync():
+    """A whole dinov2 step on CUDA (bf16 autocast, fused losses, Gram on) under
+    set_sync_debug_mode('error'), after a first step that compiles the kernels."""
+    from dino_fast.train.build import prepare
+    from dino_fast.train.methods import method_parts
+    from dino_fast.train.optim import build_optimizer
+    from dino_fast.train.step import StepState
+    cfg = resolve(None, {**TINY, "device": "cuda", "ibot_separate_head": True, "ibot_out_dim": 48,
+                         "ibot_head_hidden_dim": 32, "ibot_head_bottleneck_dim": 16, "gram_loss_weight": 0.5,
+                         "gram_update_frequency": 1000, "centering": "sinkhorn_knopp"})
+    dev = torch.device("cuda")
+    parts = method_parts(cfg)
+    s, t = parts.build_pair(cfg)
+    s, t, autocast, scaler = prepare(cfg, s, t, dev, 1, False)
+    st = StepState(cfg, s, t, parts.build_loss(cfg, dev), build_optimizer("adamw", parts.params_groups(cfg, s)),
+                   parts.build_schedules(cfg, 10, 1), autocast, scaler, False)
+    B = cfg.batch_size_per_gpu
+    crops = [torch.randn(B, 3, 16, 16, device=dev) for _ in range(2)] + \
+        [torch.randn(B, 3, 8, 8, device=dev) for _ in range(2)]
+    parts.train_step(st, crops, 0, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = parts.train_step(st, crops, 1, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(v) for k, v in st.dino_loss.last_stats.items() if k in TERMS)
