@@ -12,7 +12,7 @@ import torch
 
 from dino_fast.train.presets import resolve
 from tests._dist import run_distributed
-from tests.test_train import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+from tests.test_train import _Interrupt, _one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 TINY = dict(method="dinov2", patch_size=4, depth=2, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
             global_size=16, local_size=8, local_crops_number=2, batch_size_per_gpu=8, max_images=16, epochs=1,
@@ -76,10 +76,6 @@ def test_fsdp_two_gloo_processes(tmp_path):
         for k in ("loss",) + TERMS + ENTROPIES:
             assert k in r and r[k] == r[k], (k, r.get(k))
     assert os.path.exists(os.path.join(out, "checkpoint"))     # the sharded checkpoint
-
-
-class _Interrupt(Exception):
-    pass
 
 
 def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
