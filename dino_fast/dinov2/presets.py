@@ -79,7 +79,8 @@ DINOV2_PRESETS: dict[str, dict] = {
     "dinov2_vitl14_in1k": dict(_DINOV2_VITL, patch_size=14),
     "dinov3_vitl16_in1k": _DINOV3_VITL,
     # `dino-fast train --method dinov2`: the DINO demo (4-block ViT-tiny/7 on the shipped 28 px
-    # Fashion-MNIST images) with the DINOv2 objective: DINO + iBOT (shared head) + KoLeo.
+    # Fashion-MNIST images) with the DINOv2 objective: DINO + iBOT (shared head) + KoLeo, 4 epochs.
+    # Measured: weighted 20-NN 60.3 % -> 69.0 %, 284 s of CPU time (one thread + 2 loader workers).
     "dinov2_demo": None,   # filled from the DINO demo in dino_fast.train.presets
 }
 
