@@ -57,7 +57,8 @@ def test_flags_override_preset_and_no_args_is_demo():
 
 
 def test_validation_errors_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown preset 'vit_h14'; choices: demo, small, vit_b16_in1k, vit_b8_in1k, vit_s16_in1k"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'vit_h14'; choices: demo, dinov2_demo, dinov2_vitl14_in1k, "
+                                         r"dinov2_vitl16_in1k, dinov3_vitl16_in1k, small, vit_b16_in1k, vit_b8_in1k, vit_s16_in1k"):
         resolve("vit_h14")
     with pytest.raises(ConfigError, match=r"--global_crops_scale 0.5 0.2.*0 < min <= max <= 1"):
         resolve("demo", {"global_crops_scale": (0.5, 0.2)})

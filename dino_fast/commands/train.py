@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-HELP = "pretrain a ViT with DINO (no arguments: the demo run)"
+HELP = "pretrain a ViT with DINO, or DINOv2 / DINOv3 with --method dinov2 (no arguments: the demo run)"
 
 
 def add_arguments(parser) -> None:
@@ -123,8 +123,10 @@ def _dry_run(cfg) -> int:
     if cfg.init_from:
         from dino_fast.train.init_from import read_init
         init = read_init(cfg.init_from, cfg.init_from_key).architecture_only()
+    from dino_fast.dinov2.network import build_dinov2_network  # --method dinov2: mask token + iBOT head
+    build = build_dinov2_network if cfg.method == "dinov2" else build_network
     with torch.device("meta"):
-        student = build_network(cfg, student=True, init=init)
+        student = build(cfg, student=True, init=init)
     n_params = sum(p.numel() for p in student.parameters())
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     from dino_fast.model.backbone_config import config_from_model

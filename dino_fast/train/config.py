@@ -188,6 +188,54 @@ class TrainConfig:
     cpu_autocast: bool = False
     """Apply --precision bf16/fp16 on the CPU too (CPU autocast, as CUDA runs; slow): the GPU path's numerics on a machine without one, for tests."""
 
+    # ---- dinov2train: the DINOv2 / DINOv3 method (dino_fast/dinov2/; used with --method dinov2) ----
+    method: str = "dino"
+    """Training objective: dino (the reference DINO) or dinov2 (DINO on CLS + iBOT on masked patches + KoLeo, DINOv2 / DINOv3; the ViT gets a mask token)."""
+    centering: str = "softmax"
+    """dinov2: teacher probabilities of both heads by softmax centring (EMA centre, DINOv2's 'centering') or sinkhorn_knopp (3 iterations, log domain)."""
+    dino_loss_weight: float = 1.0
+    """dinov2: weight of the DINO CLS-token loss (DINOv2: 1.0)."""
+    ibot_loss_weight: float = 1.0
+    """dinov2: weight of the iBOT masked-patch loss (DINOv2: 1.0; 0 disables masking)."""
+    koleo_loss_weight: float = 0.1
+    """dinov2: weight of the KoLeo regulariser on the student's global-crop CLS features (DINOv2: 0.1)."""
+    ibot_separate_head: bool = False
+    """dinov2: a separate iBOT head (DINOv2 ibot.separate_head; ViT-L/14 and DINOv3: true); false: the DINO head also runs on the masked patch tokens."""
+    ibot_out_dim: int = 65536
+    """dinov2: prototypes of the separate iBOT head (DINOv2 ibot.head_n_prototypes)."""
+    ibot_head_hidden_dim: int = 2048
+    """dinov2: hidden width of the separate iBOT head."""
+    ibot_head_bottleneck_dim: int = 256
+    """dinov2: bottleneck width of the separate iBOT head."""
+    mask_ratio_min_max: tuple = (0.1, 0.5)
+    """dinov2: range of the share of an image's patches that are masked (DINOv2 ibot.mask_ratio_min_max)."""
+    mask_sample_probability: float = 0.5
+    """dinov2: share of the global-crop images of a batch that get a mask (DINOv2 ibot.mask_sample_probability)."""
+    layerwise_decay: float = 1.0
+    """dinov2: layer-wise lr decay: block i gets lr * decay^(depth - i), patch embedding / tokens decay^(depth + 1) (DINOv2 ViT-L/16: 0.9; 1: off)."""
+    patch_embed_lr_mult: float = 1.0
+    """dinov2: extra lr multiplier of the patch embedding (DINOv2: 0.2)."""
+    lr_scaling: str = "linear_wrt_256"
+    """How --lr scales with the total batch: linear_wrt_256 (lr * batch / 256, the DINO reference) or sqrt_wrt_1024 (lr * sqrt(batch / 1024), DINOv2 / DINOv3)."""
+    drop_path_uniform: bool = False
+    """dinov2: the same stochastic-depth rate in every block (DINOv2 drop_path_uniform) instead of the linear rule."""
+    gram_loss_weight: float = 0.0
+    """dinov2: weight of DINOv3's Gram anchoring loss after its schedule (0: off; DINOv3 7B: 2.0)."""
+    gram_weight_warmup_epochs: int = 0
+    """dinov2: epochs with Gram weight 0 before its ramp (DINOv3 loss_weight_schedule warmup with start = peak = 0)."""
+    gram_weight_ramp_epochs: int = 0
+    """dinov2: epochs of the half-cosine ramp of the Gram weight from 0 to --gram_loss_weight (0: a step)."""
+    gram_it_first_update: int = 0
+    """dinov2: iteration at which the Gram teacher is first copied from the EMA teacher; the Gram loss runs from then on."""
+    gram_update_frequency: int = 10000
+    """dinov2: iterations between two refreshes of the frozen Gram teacher from the EMA teacher (DINOv3 7B: 10000)."""
+    gram_max_updates: int = 0
+    """dinov2: most refreshes of the Gram teacher after the first copy (0: unlimited; DINOv3 7B: 3)."""
+    gram_teacher_size: int = 0
+    """dinov2: side in pixels of the Gram teacher's view of the global crops (bicubic upsampling; 0: the global size; DINOv3 7B: 2x); its patch features are resized (bicubic) to the student's grid."""
+    gram_img_level: bool = True
+    """dinov2: Gram matrices per image (DINOv3 7B config) instead of over all patches of the local batch."""
+
 
 @lru_cache(maxsize=1)
 def field_docs() -> dict[str, str]:
@@ -271,6 +319,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"--data_path {cfg.data_path!r} does not exist: point it at a folder of images "
                           "(ImageFolder or flat), a .txt file list, or webdataset .tar shards; "
                           "or use --data_path demo for the built-in demo images")
+    from dino_fast.dinov2.train_config import validate_dinov2
+    validate_dinov2(cfg)
     if cfg.monitor_every < 1:
         raise ConfigError(f"--monitor_every must be >= 1 (epochs between two k-NN evaluations), got {cfg.monitor_every}")
     if cfg.monitor_knn and not all(os.path.isdir(os.path.join(cfg.monitor_knn, d)) for d in ("train", "val")):
@@ -300,6 +350,7 @@ def _check_arch(arch: str) -> None:
 def to_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["global_crops_scale"], d["local_crops_scale"] = list(cfg.global_crops_scale), list(cfg.local_crops_scale)
+    d["mask_ratio_min_max"] = list(cfg.mask_ratio_min_max)
     return d
 
 
@@ -309,7 +360,7 @@ def from_dict(d: dict) -> TrainConfig:
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; valid keys are the fields of TrainConfig")
     d = dict(d)
-    for k in ("global_crops_scale", "local_crops_scale"):
+    for k in ("global_crops_scale", "local_crops_scale", "mask_ratio_min_max"):
         if k in d:
             d[k] = tuple(d[k])
     return TrainConfig(**d)

@@ -17,12 +17,13 @@ import torch.distributed as dist
 from dino_fast.kernels.dino_loss import STAT_NAMES
 
 from . import checkpoint
-from .build import build_loss, build_pair, prepare
+from .build import build_loss, build_pair, prepare  # noqa: F401  (the DINO path, via methods.py)
 from .config import ConfigError, TrainConfig, to_dict
 from .config import save as save_config
 from .logger import RunLogger
-from .optim import build_optimizer, build_schedules, get_params_groups
-from .step import StepState, train_step
+from .methods import method_parts
+from .optim import build_optimizer, build_schedules, get_params_groups  # noqa: F401
+from .step import StepState, train_step  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class _Window:
         """Mean loss and health stats over ranks (one all-reduce), read on the host; stops on a
         non-finite loss. Returns (values, seconds since the window opened)."""
         stats = getattr(dino_loss, "last_stats", {})
-        names = [k for k in STAT_NAMES if k in stats]
+        names = [k for k in (*STAT_NAMES, *getattr(dino_loss, "extra_stat_names", ())) if k in stats]
         vec = torch.stack([self.loss.float() / self.n] + [stats[k].float() for k in names])
         bad = self.bad_it.clone()
         if world_size > 1:
@@ -174,7 +175,8 @@ def _train(cfg: TrainConfig, stop) -> dict:
         remove_stale(cfg.output_dir)
         save_config(cfg, cfg.output_dir)
     # ============ models, loss, optimizer, schedules ============
-    student, teacher = build_pair(cfg)
+    parts = method_parts(cfg)  # --method: dino (build/optim/step) or dinov2 (dino_fast/dinov2)
+    student, teacher = parts.build_pair(cfg)
     from dino_fast.model.backbone_config import config_from_model
     run_args = {**to_dict(cfg), "backbone_config": config_from_model(student.backbone).to_dict(),  # exact, for load
                 "resume": record(cfg, run.world_size, len(loader.source))}
@@ -182,9 +184,9 @@ def _train(cfg: TrainConfig, stop) -> dict:
     flops_img = dino_step_flops_per_image(student.backbone, cfg.global_size, cfg.local_size, 2,
                                           cfg.local_crops_number, head=student.head)
     student, teacher, autocast, scaler = prepare(cfg, student, teacher, run.device, run.world_size, run.use_fsdp)
-    dino_loss = build_loss(cfg, run.device)
-    optimizer = build_optimizer(cfg.optimizer, get_params_groups(student))
-    schedules = build_schedules(cfg, len(loader), run.world_size)
+    dino_loss = parts.build_loss(cfg, run.device)
+    optimizer = build_optimizer(cfg.optimizer, parts.params_groups(cfg, student))
+    schedules = parts.build_schedules(cfg, len(loader), run.world_size)
     st = StepState(cfg, student, teacher, dino_loss, optimizer, schedules, autocast, scaler, run.use_fsdp)
     # ============ resume ============
     start_epoch, it, last_ckpt = 0, 0, None
@@ -202,6 +204,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
     from dino_fast.runtime.health import CollapseMonitor
     monitor = CollapseMonitor(cfg.out_dim, patience=cfg.collapse_patience,
                               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
+    ibot_monitor = parts.ibot_monitor(cfg) if parts.ibot_monitor else None  # dinov2: the iBOT head's too
     logger = RunLogger(cfg.output_dir, run.rank == 0, cfg.epochs, len(loader), getattr(loader, "backend", "?"),
                        resume_it=it)
     from dino_fast.eval.monitor import KnnMonitor  # --monitor_knn: sharded teacher k-NN every N epochs
@@ -219,7 +222,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
         for (crops, _), waited in timed:  # ============ data (wait timed: data_wait.py) ============
             # ============ forward → loss → backward → step → EMA ============
             try:
-                loss = train_step(st, crops, it, epoch)
+                loss = parts.train_step(st, crops, it, epoch)
             except torch.OutOfMemoryError as exc:
                 raise _oom(cfg, run, exc) from exc
             except RuntimeError as exc:  # FSDP2's collectives inside the step: named (runtime/step_collectives.py)
@@ -242,6 +245,8 @@ def _train(cfg: TrainConfig, stop) -> dict:
                        "step_time_s": dt / win.n}
                 logger.step(rec)
                 _check_collapse(monitor, rec, cfg, dino_loss, run, it, last_ckpt, logger)
+                if ibot_monitor is not None:
+                    _check_collapse(ibot_monitor, parts.ibot_record(rec), cfg, dino_loss, run, it, last_ckpt, logger)
                 ep.merge(win)
                 win = _Window(run.device)
             if ep.n + win.n < len(loader):  # the epoch's last step: checked after its checkpoint

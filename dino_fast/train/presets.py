@@ -49,6 +49,10 @@ PRESETS["small"] = dict(arch="vit_tiny", patch_size=16, out_dim=4096, head_hidde
                         global_size=128, local_size=64, local_crops_number=6, batch_size_per_gpu=32, epochs=100,
                         warmup_epochs=10, lr=0.002, min_lr=1e-5, saveckp_freq=0, num_workers=4)
 
+from dino_fast.dinov2.presets import DINOV2_PRESETS, dinov2_demo  # noqa: E402  (dinov2train: --method dinov2)
+
+PRESETS.update({**DINOV2_PRESETS, "dinov2_demo": dinov2_demo(PRESETS["demo"])})
+
 
 def get_preset(name: str) -> dict:
     if name not in PRESETS:
@@ -66,7 +70,7 @@ def resolve(preset: str | None = None, overrides: dict | None = None, check: boo
         raise ConfigError(f"unknown option(s) {', '.join('--' + u for u in unknown)}; "
                           "see `dino-fast train --help`")
     if preset is None and "data_path" not in overrides:
-        preset = "demo"
+        preset = "dinov2_demo" if overrides.get("method") == "dinov2" else "demo"
     values = get_preset(preset) if preset else {}
     values.update(overrides)
     cfg = replace(TrainConfig(), **values, preset=preset or "")
