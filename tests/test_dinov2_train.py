@@ -137,6 +137,7 @@ def test_init_from_a_backbone_without_mask_token(tmp_path):
     torch.testing.assert_close(teacher.backbone.blocks[0].mlp.fc2.weight, t.blocks[0].mlp.fc2.weight)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_step_has_no_host_sync():
     """A whole dinov2 step on CUDA (bf16 autocast, fused losses, Gram on) under
