@@ -173,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
                                           cfg.local_crops_number, head=student.head)
     student, teacher, autocast, scaler = prepare(cfg, student, teacher, run.device, run.world_size, run.use_fsdp)
     dino_loss = build_loss(cfg, run.device)
-    optimizer = build_optimizer(cfg.optimizer, get_params_groups(student))
+    optimizer = build_optimizer(cfg.optimizer, get_params_groups(student), fused=cfg.fused_optimizer)
     schedules = build_schedules(cfg, len(loader), run.world_size)
     st = StepState(cfg, student, teacher, dino_loss, optimizer, schedules, autocast, scaler, run.use_fsdp)
     # ============ resume ============
@@ -198,6 +198,8 @@ def train(cfg: TrainConfig) -> dict:
     peak = bf16_peak_tflops(run.device) * 1e12 * run.world_size
     imgs_per_step = cfg.batch_size_per_gpu * run.world_size
 
+    from .compile import CompileMonitor  # graphs compiled / graph breaks per epoch (recompiles after the first)
+    compiles = CompileMonitor()
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         logger.start_epoch(epoch)
@@ -224,6 +226,7 @@ def train(cfg: TrainConfig) -> dict:
                 ep.merge(win)
                 win = _Window(run.device)
         logger.end_epoch()
+        compiles.log_epoch(epoch, first=epoch == start_epoch)
         # ============ epoch end: epoch record, checkpoint ============
         dt = time.perf_counter() - ep.t0
         rec = {"epoch": epoch, "it": it, "loss": float(ep.loss) / max(ep.n, 1), "lr": float(schedules.lr[it - 1]),

@@ -1,0 +1,73 @@
+"""Shared by the step-option tests: a tiny DINO step state built like the training loop's, fixed
+multi-crop batches (2 global 16 px + 2 local 8 px crops: two resolution groups in the packed
+sequence), and comparisons of two states after some steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dino_fast.train.build import build_loss, build_pair, prepare
+from dino_fast.train.optim import build_optimizer, build_schedules, get_params_groups
+from dino_fast.train.presets import resolve
+from dino_fast.train.step import StepState, train_step
+
+B = 4
+CFG = dict(patch_size=4, depth=2, out_dim=96, head_hidden_dim=64, head_bottleneck_dim=32, global_size=16,
+           local_size=8, local_crops_number=2, batch_size_per_gpu=B, epochs=2, warmup_epochs=0, lr=0.1,
+           min_lr=0.02, optimizer="sgd", clip_grad=0.5, freeze_last_layer=0, drop_path_rate=0.0,
+           momentum_teacher=0.9, device="cpu", knn_eval=False, output_dir="unused", attention="sdpa")
+
+
+def make_state(world: int = 1, use_fsdp: bool = False, compile_backend: str = "aot_eager", **over) -> StepState:
+    """The step state of CFG + over, compiled (if asked) with `compile_backend`."""
+    cfg = resolve("demo", {**CFG, "batch_size_per_gpu": B // world, **over})
+    torch.manual_seed(0)
+    student, teacher = build_pair(cfg)
+    device = torch.device("cpu")
+    eager = resolve("demo", {**CFG, **over, "compile": False, "cuda_graph_teacher": False}, check=False)
+    student, teacher, autocast, scaler = prepare(eager, student, teacher, device, world, use_fsdp)
+    from dino_fast.train.compile import apply_compile
+    student, teacher = apply_compile(cfg, student, teacher, device, backend=compile_backend)
+    loss = build_loss(cfg, device)
+    opt = build_optimizer(cfg.optimizer, get_params_groups(student), fused=cfg.fused_optimizer)
+    return StepState(cfg, student, teacher, loss, opt, build_schedules(cfg, niter_per_ep=2, world_size=world),
+                     autocast, scaler, use_fsdp)
+
+
+def batches(n_steps: int = 2, rank: int = 0, world: int = 1) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(123)
+    out = []
+    for _ in range(n_steps):
+        crops = [torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)] + \
+                [torch.randn(B, 3, 8, 8, generator=g) for _ in range(2)]
+        b = B // world
+        out.append([c[rank * b:(rank + 1) * b] for c in crops])
+    return out
+
+
+def run_steps(st: StepState, crops_per_step, epoch: int = 1) -> list[float]:
+    return [float(train_step(st, crops, it=i, epoch=epoch)) for i, crops in enumerate(crops_per_step)]
+
+
+def full(sd: dict) -> dict:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in sd.items()}
+
+
+def grads(model) -> dict:
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def compare(a: StepState, b: StepState, la, lb, rtol=1e-5, atol=1e-6) -> None:
+    """Losses, last gradients, student and teacher weights and the centre of two states."""
+    assert la == pytest.approx(lb, rel=rtol, abs=10 * atol), (la, lb)
+    ga, gb = grads(a.student), grads(b.student)
+    assert ga.keys() == gb.keys() and ga
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=f"grad {k}")
+    for part in ("student", "teacher"):
+        sa, sb = full(getattr(a, part).state_dict()), full(getattr(b, part).state_dict())
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=f"{part}.{k}")
+    torch.testing.assert_close(a.dino_loss.center, b.dino_loss.center, rtol=rtol, atol=atol)
