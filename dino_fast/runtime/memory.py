@@ -30,6 +30,12 @@ fp32; 2 under FSDP2's bf16 param policy, where everything is bf16)):
   = (2r + 14a)·D (+ a·D for sdpa) per token: 36·D bytes with autocast bf16, 32·D under FSDP2.
   Activation checkpointing keeps only each block's input (r·D per token) and recomputes one
   block at a time in the backward (one block's activations for the whole micro-batch).
+  Selective checkpointing (dino_fast.model.checkpointing) keeps the block input r·D and the
+  outputs of the matmuls and attention kernels: qkv a·3D, attention output a·D (+ the
+  log-sum-exp H·4; math attention: the scores a·H·L and attn @ v a·D), proj a·D, the FFN's
+  matmul outputs (MLP: fc1 a·Hm and fc2 a·D; SwiGLU: a·2H' and a·D); the element-wise rest
+  (LayerNorm outputs, GELU / SiLU, LayerScale, RoPE) is recomputed one block at a time:
+  r·D + 10a·D + 4H = 24·D + 4H bytes per token for the ViT MLP in bf16 with fp32 residuals.
   Per crop-image also: the patch-embedding input 3·S²·a and the final norm + head MLP
   activations (small). Backward working set: the gradients of the largest layer (a·8D per
   token, + the L x L probability gradients for math attention).
@@ -63,6 +69,12 @@ ARCHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}
 DEFAULT_GPU_GIB = 80.0
 FUSED_LOSS = ("auto", "triton", "fused")
+
+
+def checkpoint_mode(value) -> bool | str:
+    """False | "full" | "selective" (dino_fast.model.checkpointing.checkpoint_mode)."""
+    from dino_fast.model.checkpointing import checkpoint_mode as mode
+    return mode(value)
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -112,7 +124,7 @@ class PlanInputs:
     world_size: int = 1
     precision: str = "bf16"
     sharded: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False   # False | "full" | "selective" (True: full)
     global_size: int = 224
     local_size: int = 96
     n_global: int = 2
@@ -147,6 +159,8 @@ class CropActivations:
     saved_ckpt: int      # bytes saved for backward with activation checkpointing
     block: int           # bytes of one block's saved activations (the recompute under checkpointing)
     transient: int       # backward working set of one block
+    saved_selective: int = 0   # bytes saved for backward with selective checkpointing
+    block_selective: int = 0   # one block's recomputed element-wise activations under selective
 
 
 @dataclass(frozen=True)
@@ -172,22 +186,28 @@ class MemoryPlan:
     def state_bytes(self) -> int:
         return sum(self.state.values())
 
-    def activations_per_image(self, checkpointing: bool | None = None) -> int:
-        """Backbone activation bytes saved per image (all crops), without the backward transient."""
-        ckpt = self.inputs.activation_checkpointing if checkpointing is None else checkpointing
-        return sum(c.count * (c.saved_ckpt if ckpt else c.saved) for c in self.crops)
+    def _mode(self, checkpointing) -> bool | str:
+        return checkpoint_mode(self.inputs.activation_checkpointing if checkpointing is None else checkpointing)
 
-    def per_image_bytes(self, checkpointing: bool | None = None) -> int:
+    def activations_per_image(self, checkpointing: bool | str | None = None) -> int:
+        """Backbone activation bytes saved per image (all crops), without the backward transient.
+        checkpointing: False, True / "full", "selective" (None: the plan's)."""
+        mode = self._mode(checkpointing)
+        return sum(c.count * {False: c.saved, "full": c.saved_ckpt, "selective": c.saved_selective}[mode]
+                   for c in self.crops)
+
+    def per_image_bytes(self, checkpointing: bool | str | None = None) -> int:
         """Everything that grows with the micro-batch, per image."""
-        ckpt = self.inputs.activation_checkpointing if checkpointing is None else checkpointing
-        extra = sum(c.count * (c.transient + (c.block if ckpt else 0)) for c in self.crops)
-        return self.activations_per_image(ckpt) + extra + self.head_loss_per_image + self.input_per_image
+        mode = self._mode(checkpointing)
+        recompute = {False: lambda c: 0, "full": lambda c: c.block, "selective": lambda c: c.block_selective}[mode]
+        extra = sum(c.count * (c.transient + recompute(c)) for c in self.crops)
+        return self.activations_per_image(mode) + extra + self.head_loss_per_image + self.input_per_image
 
     @property
     def head_loss_per_image(self) -> int:
         return self.head_per_image + self.loss_per_image
 
-    def peak_bytes(self, micro_batch: int | None = None, checkpointing: bool | None = None) -> int:
+    def peak_bytes(self, micro_batch: int | None = None, checkpointing: bool | str | None = None) -> int:
         b = self.micro_batch if micro_batch is None else micro_batch
         return self.state_bytes + self.fixed_bytes + b * self.per_image_bytes(checkpointing)
 
@@ -195,7 +215,7 @@ class MemoryPlan:
     def estimated_peak_bytes(self) -> int:
         return self.peak_bytes()
 
-    def max_micro_batch(self, checkpointing: bool | None = None) -> int:
+    def max_micro_batch(self, checkpointing: bool | str | None = None) -> int:
         """Largest micro-batch (images per GPU per forward) whose estimated peak fits the usable memory."""
         room = self.usable_bytes - self.state_bytes - self.fixed_bytes
         return max(0, room // self.per_image_bytes(checkpointing))
@@ -216,7 +236,7 @@ def visible_gpu_memory() -> tuple[float, str] | None:
 
 def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65536, *,
                 batch_size_per_gpu: int = 64, world_size: int = 1, precision: str = "bf16",
-                sharded: bool = False, activation_checkpointing: bool = False, global_size: int = 224,
+                sharded: bool = False, activation_checkpointing: bool | str = False, global_size: int = 224,
                 local_size: int = 96, n_global: int = 2, n_local: int = 8, grad_accum_steps: int = 1,
                 depth: int = 0, use_bn_in_head: bool = False, norm_last_layer: bool = True,
                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256, head_nlayers: int = 3,
@@ -231,7 +251,8 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
             of micro-batches it is split into (activations scale with the micro-batch).
         world_size, sharded: FSDP2 over world_size ranks (sharded=True) or replicated.
         precision: "bf16" | "fp16" | "fp32" (GPU compute precision; master weights are fp32).
-        activation_checkpointing: recompute each student block in the backward.
+        activation_checkpointing: False; True / "full" (recompute each student block in the backward);
+            "selective" (keep matmul and attention outputs, recompute the element-wise ops).
         global_size, local_size, n_global, n_local: the multi-crop setting.
         optimizer: adamw | sgd | lars.   attention: auto | sdpa | xformers | flash | flex | math.
         loss_impl: auto | triton (fused loss) | torch | reference (materialised reference loss).
@@ -270,7 +291,7 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
         found = visible_gpu_memory()
         gpu_gib, gpu_name = found if found else (DEFAULT_GPU_GIB, "assumed (no GPU visible)")
     inputs = PlanInputs(arch, patch_size, out_dim, batch_size_per_gpu, world_size, precision, bool(sharded),
-                        bool(activation_checkpointing), global_size, local_size, n_global, n_local,
+                        checkpoint_mode(activation_checkpointing), global_size, local_size, n_global, n_local,
                         grad_accum_steps, depth, use_bn_in_head, norm_last_layer, head_hidden_dim,
                         head_bottleneck_dim, head_nlayers, optimizer, attention, loss_impl, img_size,
                         gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight, shape)
@@ -347,12 +368,17 @@ def _plan(x: PlanInputs) -> MemoryPlan:
         else:
             per_token += heads * 4
         block = tokens * per_token
+        # selective: block input, qkv, attention output (+ lse, or the math scores), proj, FFN matmul outputs
+        attn_kept = heads * tokens * a + a * d if attn == "math" else a * d + heads * 4
+        sel_token = r * d + 5 * a * d + attn_kept + (ffn_saved // 2) * a
         embed = 3 * size * size * a + rope_rows * tokens * 8 * (d // heads)   # + RoPE cos/sin tables (fp32)
         crops.append(CropActivations(
             kind, size, tokens, count,
             saved=units * block + embed,
             saved_ckpt=units * tokens * d * r + embed,
-            block=block, transient=tokens * transient_token))
+            block=block, transient=tokens * transient_token,
+            saved_selective=units * tokens * sel_token + embed,
+            block_selective=tokens * max(0, per_token - sel_token + r * d)))
 
     # ---- head, logits and loss per image --------------------------------------------------
     ncrops = x.n_global + x.n_local
@@ -484,10 +510,11 @@ def format_plan(plan: MemoryPlan) -> str:
         f"GPU memory {x.gpu_memory_gib:.1f} GiB ({x.gpu_name}); usable {plan.usable_bytes / GiB:.1f} GiB after a "
         f"{100 * x.safety_frac:.0f} % + {x.reserved_gib:g} GiB margin (CUDA context, workspaces, fragmentation)",
         f"Estimated peak at micro-batch {plan.micro_batch}"
-        f"{' with activation checkpointing' if x.activation_checkpointing else ''}: "
+        f"{f' with {checkpoint_mode(x.activation_checkpointing)} activation checkpointing' if x.activation_checkpointing else ''}: "
         f"{plan.estimated_peak_bytes / GiB:.1f} GiB -> {'fits' if plan.fits else 'DOES NOT FIT'}",
         f"Largest micro-batch per GPU that fits: {mb_plain} without activation checkpointing, "
-        f"{mb_ckpt} with --activation_checkpointing",
+        f"{mb_ckpt} with --activation_checkpointing (full), {plan.max_micro_batch('selective')} with "
+        f"--activation_checkpointing selective",
     ]
     return "\n".join(lines)
 

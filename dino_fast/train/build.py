@@ -33,7 +33,7 @@ def build_backbone(cfg, student: bool, init=None) -> nn.Module:
     if student:
         kw["drop_path_rate"] = cfg.drop_path_rate  # stochastic depth on the student only, as the reference
     if bcfg.kind == "vit":
-        kw["activation_checkpointing"] = cfg.activation_checkpointing and student
+        kw["activation_checkpointing"] = cfg.activation_checkpointing if student else False
         kw["efficient_drop_path"] = getattr(cfg, "efficient_drop_path", False) and student
         if student and bcfg.pos_embed == "rope":
             kw.update(rope_shift_coords=cfg.rope_shift_coords or None,
