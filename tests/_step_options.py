@@ -64,10 +64,10 @@ def compare(a: StepState, b: StepState, la, lb, rtol=1e-5, atol=1e-6) -> None:
     ga, gb = grads(a.student), grads(b.student)
     assert ga.keys() == gb.keys() and ga
     for k in ga:
-        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=f"grad {k}")
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=lambda m: f"grad {k}: {m}")
     for part in ("student", "teacher"):
         sa, sb = full(getattr(a, part).state_dict()), full(getattr(b, part).state_dict())
         assert sa.keys() == sb.keys()
         for k in sa:
-            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=f"{part}.{k}")
+            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=lambda m: f"{part}.{k}: {m}")
     torch.testing.assert_close(a.dino_loss.center, b.dino_loss.center, rtol=rtol, atol=atol)

@@ -181,7 +181,7 @@ class TrainConfig:
 
     # ---- stepspeed: step speed options (step_options.py) ----
     fused_optimizer: bool = False
-    """AdamW with fused=True (one kernel for all parameters of a group) where the device supports it."""
+    """AdamW with fused=True (one kernel for all parameters of a group) where the device supports it (CUDA, CPU)."""
     efficient_drop_path: bool = False
     """Stochastic depth that runs each residual branch only on the kept rows (crop x image) and scatters it back (DINOv2/DINOv3), instead of zeroing a computed branch."""
     cuda_graph_teacher: bool = False
@@ -249,9 +249,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "rope_min_period", "rope_max_period", "rope_shift_coords", "norm_eps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.fused_optimizer and cfg.optimizer not in ("adamw", "sgd"):
-        raise ConfigError(f"--fused_optimizer: torch has fused kernels for adamw and sgd, not --optimizer "
-                          f"{cfg.optimizer}; use --optimizer adamw or --fused_optimizer false")
+    if cfg.fused_optimizer and cfg.optimizer != "adamw":
+        raise ConfigError(f"--fused_optimizer is for adamw, not --optimizer {cfg.optimizer}: use --optimizer adamw "
+                          "or --fused_optimizer false")
     if cfg.batch_size_per_gpu % cfg.grad_accum_steps:
         raise ConfigError(f"--batch_size_per_gpu {cfg.batch_size_per_gpu} is not divisible by --grad_accum_steps "
                           f"{cfg.grad_accum_steps}: each micro-batch holds batch_size_per_gpu / grad_accum_steps images")

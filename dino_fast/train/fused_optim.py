@@ -1,5 +1,5 @@
-"""Fused optimizers (`--fused_optimizer`): torch's fused AdamW / SGD, one kernel per parameter
-group and dtype instead of the multi-tensor (foreach) launches, over dino-fast's parameter
+"""Fused optimizer (`--fused_optimizer`): torch's fused AdamW, one kernel per parameter group and
+dtype instead of the multi-tensor (foreach) launches, over dino-fast's parameter
 groups as they are (no weight decay on biases and norms; per-group `lr_multiplier` /
 `wd_multiplier` for layer-wise decay, applied by Schedules.set_optimizer).
 
@@ -8,6 +8,8 @@ without a gradient, exactly as the foreach path does. The schedules write Python
 the groups (no device read); a group whose lr is a tensor (capturable / compiled optimizers) is
 filled in place with `fill_`, which enqueues a kernel and does not synchronise.
 Devices without fused kernels (torch.optim's list) fall back to foreach, with a warning.
+Fused SGD is not offered: with momentum it fails on a parameter whose first gradient comes after
+the other parameters' (the head's last layer, frozen during the first epoch).
 """
 from __future__ import annotations
 
@@ -27,18 +29,15 @@ def fused_supported(groups: list[dict]) -> bool:
 
 
 def build_fused(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW / SGD (momentum 0.9) with fused=True; foreach where the device has no fused kernel."""
-    if name not in ("adamw", "sgd"):
-        raise ValueError(f"--fused_optimizer: torch has fused kernels for adamw and sgd, not {name!r}; "
-                         "use --optimizer adamw or --fused_optimizer false")
+    """AdamW with fused=True; foreach where the device has no fused kernel."""
+    if name != "adamw":
+        raise ValueError(f"--fused_optimizer is for adamw, not {name!r}: use --optimizer adamw or "
+                         "--fused_optimizer false")
     fused = fused_supported(groups)
     if not fused:
         devices = sorted({p.device.type for g in groups for p in g["params"]})
         log.warning("--fused_optimizer: no fused %s kernel for devices %s; using foreach", name, devices)
-    kw = dict(fused=True) if fused else {}
-    if name == "adamw":
-        return torch.optim.AdamW(groups, **kw)
-    return torch.optim.SGD(groups, lr=0, momentum=0.9, **kw)
+    return torch.optim.AdamW(groups, **(dict(fused=True) if fused else {}))
 
 
 def set_group_value(group: dict, key: str, value: float) -> None:

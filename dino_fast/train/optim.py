@@ -104,7 +104,7 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(name: str, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
     """adamw | sgd (momentum 0.9) | lars; lr and weight decay are set every step from the schedules.
-    fused: torch's fused AdamW / SGD kernels (fused_optim.py) where the parameters' device has them."""
+    fused: torch's fused AdamW kernel (fused_optim.py) where the parameters' device has it."""
     if fused:
         from .fused_optim import build_fused
         return build_fused(name, groups)
