@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino_fast.train.build import build_loss, build_pair, prepare
-from dino_fast.train.optim import build_optimizer, build_schedules, get_params_groups
+from dino_fast.benchmark.step_options import build_state
 from dino_fast.train.presets import resolve
 from dino_fast.train.step import StepState, train_step
 
@@ -19,19 +18,9 @@ CFG = dict(patch_size=4, depth=2, out_dim=96, head_hidden_dim=64, head_bottlenec
 
 
 def make_state(world: int = 1, use_fsdp: bool = False, compile_backend: str = "aot_eager", **over) -> StepState:
-    """The step state of CFG + over, compiled (if asked) with `compile_backend`."""
+    """The step state of CFG + over on the CPU, compiled (if asked) with `compile_backend`."""
     cfg = resolve("demo", {**CFG, "batch_size_per_gpu": B // world, **over})
-    torch.manual_seed(0)
-    student, teacher = build_pair(cfg)
-    device = torch.device("cpu")
-    eager = resolve("demo", {**CFG, **over, "compile": False, "cuda_graph_teacher": False}, check=False)
-    student, teacher, autocast, scaler = prepare(eager, student, teacher, device, world, use_fsdp)
-    from dino_fast.train.compile import apply_compile
-    student, teacher = apply_compile(cfg, student, teacher, device, backend=compile_backend)
-    loss = build_loss(cfg, device)
-    opt = build_optimizer(cfg.optimizer, get_params_groups(student), fused=cfg.fused_optimizer)
-    return StepState(cfg, student, teacher, loss, opt, build_schedules(cfg, niter_per_ep=2, world_size=world),
-                     autocast, scaler, use_fsdp)
+    return build_state(cfg, torch.device("cpu"), world, use_fsdp, compile_backend)
 
 
 def batches(n_steps: int = 2, rank: int = 0, world: int = 1) -> list[list[torch.Tensor]]:
