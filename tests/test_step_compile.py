@@ -128,3 +128,18 @@ def test_fsdp2_per_block_compile_two_processes(tmp_path):
             torch.testing.assert_close(got[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{part}.{k}")
     torch.testing.assert_close(got["center"], ref.dino_loss.center, rtol=1e-5, atol=1e-6)
     assert B % 2 == 0 and CFG["batch_size_per_gpu"] == B
+
+
+def test_monitor_logs_recompiles_after_the_first_epoch(caplog):
+    fn = torch.compile(lambda t: t * 2 + 1, backend="aot_eager", dynamic=False)
+    mon = CompileMonitor()
+    fn(torch.ones(3))
+    with caplog.at_level("INFO", logger="dino_fast.train.compile"):
+        first = mon.log_epoch(0, first=True)
+        fn(torch.ones(3))
+        quiet = mon.log_epoch(1, first=False)
+        fn(torch.ones(5))                      # a new shape: a recompile
+        again = mon.log_epoch(2, first=False)
+    assert (first["graphs"], quiet["graphs"], again["graphs"]) == (1, 0, 1)
+    levels = [(r.levelname, "recompiles after warm-up" in r.getMessage()) for r in caplog.records]
+    assert levels == [("INFO", False), ("WARNING", True)]
