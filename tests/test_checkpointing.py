@@ -52,7 +52,7 @@ def test_selective_keeps_less_than_none_and_more_than_full():
     # attention output, proj, fc1 and fc2 outputs (+ the log-sum-exp): 11 D + 3 floats per token
     assert sel - full == pytest.approx(2 * 328 * (10 * 192 + 3) * 4, rel=0.02)
     # outer hooks see every saved tensor without checkpointing, only those outside the blocks with it
-    assert n_none > n_sel == n_full > 0
+    assert n_none > n_sel >= n_full > 0
 
 
 @pytest.mark.parametrize("attention,mode", [("sdpa", False), ("sdpa", "full"), ("sdpa", "selective"),
