@@ -1,6 +1,6 @@
-"""Shared by the step-option tests: a tiny DINO step state built like the training loop's, fixed
-multi-crop batches (2 global 16 px + 2 local 8 px crops: two resolution groups in the packed
-sequence), and comparisons of two states after some steps."""
+"""Shared by the step-option tests: a tiny DINO step state built like the training loop's, the
+fixed multi-crop batches of test_grad_accum (B images, 2 global 16 px + 2 local 8 px crops: two
+resolution groups in the packed sequence), and comparisons of two states after some steps."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +9,9 @@ import torch
 from dino_fast.benchmark.step_options import build_state
 from dino_fast.train.presets import resolve
 from dino_fast.train.step import StepState, train_step
+from tests.test_grad_accum import fixed_batches as batches  # noqa: F401  (B images per step, 2 + 2 crops)
 
-B = 4
+B = 8
 CFG = dict(patch_size=4, depth=2, out_dim=96, head_hidden_dim=64, head_bottleneck_dim=32, global_size=16,
            local_size=8, local_crops_number=2, batch_size_per_gpu=B, epochs=2, warmup_epochs=0, lr=0.1,
            min_lr=0.02, optimizer="sgd", clip_grad=0.5, freeze_last_layer=0, drop_path_rate=0.0,
@@ -21,17 +22,6 @@ def make_state(world: int = 1, use_fsdp: bool = False, compile_backend: str = "a
     """The step state of CFG + over on the CPU, compiled (if asked) with `compile_backend`."""
     cfg = resolve("demo", {**CFG, "batch_size_per_gpu": B // world, **over})
     return build_state(cfg, torch.device("cpu"), world, use_fsdp, compile_backend)
-
-
-def batches(n_steps: int = 2, rank: int = 0, world: int = 1) -> list[list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(123)
-    out = []
-    for _ in range(n_steps):
-        crops = [torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)] + \
-                [torch.randn(B, 3, 8, 8, generator=g) for _ in range(2)]
-        b = B // world
-        out.append([c[rank * b:(rank + 1) * b] for c in crops])
-    return out
 
 
 def run_steps(st: StepState, crops_per_step, epoch: int = 1) -> list[float]:

@@ -25,18 +25,8 @@ _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "matmul", "linear", "
 
 def checkpoint_mode(value) -> bool | str:
     """False | "full" | "selective" from a bool (True = full, as the old flag) or a word."""
-    if value is None or value is False:
-        return False
-    if value is True:
-        return "full"
-    low = str(value).lower()
-    if low in ("false", "off", "no", "0", "none", ""):
-        return False
-    if low in ("true", "on", "yes", "1", "full"):
-        return "full"
-    if low == "selective":
-        return "selective"
-    raise ValueError(f"--activation_checkpointing {value!r}: choose false, full or selective (true means full)")
+    from dino_fast.flags import mode_value
+    return mode_value(value, "--activation_checkpointing", ("full", "selective"), "full")
 
 
 def is_saved_op(func) -> bool:

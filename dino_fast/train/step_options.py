@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from dino_fast.flags import FALSE_WORDS, TRUE_WORDS
+from dino_fast.flags import mode_value
 from dino_fast.model.checkpointing import checkpoint_mode
 
 COMPILE_MODES = (False, "blocks", "model")
@@ -22,19 +22,8 @@ CHECKPOINT_MODES = (False, "full", "selective")
 
 
 def compile_mode(value) -> bool | str:
-    """False | "blocks" | "model" from a bool (True = model) or a word."""
-    if value is None or value is False:
-        return False
-    if value is True:
-        return "model"
-    low = str(value).lower()
-    if low in FALSE_WORDS + ("none", ""):
-        return False
-    if low in TRUE_WORDS + ("model",):
-        return "model"
-    if low in ("blocks", "block"):
-        return "blocks"
-    raise ValueError(f"--compile {value!r}: choose false, blocks or model (true means model)")
+    """False | "blocks" | "model" from a bool (True = model, as the old flag) or a word."""
+    return mode_value(value, "--compile", ("blocks", "model"), "model")
 
 
 MODE_FIELDS = {  # field -> (parser of a value, the words shown in --help)
