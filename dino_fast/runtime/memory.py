@@ -488,22 +488,26 @@ def format_plan(plan: MemoryPlan) -> str:
     for name, n in plan.state.items():
         lines.append(f"  {name:<56}{_gib(n)}")
     lines.append(f"  {'total':<56}{_gib(plan.state_bytes)}")
-    lines += ["", f"{'activations per image (student, saved for backward)':<58}{'MiB':>9}{'MiB ckpt':>10}"]
+    lines += ["", f"{'activations per image (student, saved for backward)':<58}{'MiB':>9}{'MiB ckpt':>10}"
+              f"{'MiB sel':>10}"]
     for c in plan.crops:
         tokens = f" ({c.tokens} tokens)" if c.tokens else ""
         label = f"{c.count} x {c.kind} {c.size} px{tokens}, {_mib(c.saved).strip()} MiB each"
-        lines.append(f"  {label:<56}{_mib(c.count * c.saved)}{_mib(c.count * c.saved_ckpt):>10}")
+        lines.append(f"  {label:<56}{_mib(c.count * c.saved)}{_mib(c.count * c.saved_ckpt):>10}"
+                     f"{_mib(c.count * c.saved_selective):>10}")
     lines.append(f"  {'head + logits + loss (' + str(x.n_global + x.n_local) + ' crops x K)':<56}"
-                 f"{_mib(plan.head_loss_per_image)}{_mib(plan.head_loss_per_image):>10}")
+                 f"{_mib(plan.head_loss_per_image)}{_mib(plan.head_loss_per_image):>10}"
+                 f"{_mib(plan.head_loss_per_image):>10}")
     lines.append(f"  {'input crops (fp32, ' + str(x.input_batches_in_flight) + ' batches in flight)':<56}"
-                 f"{_mib(plan.input_per_image)}{_mib(plan.input_per_image):>10}")
-    def working(ckpt: bool) -> int:
+                 f"{_mib(plan.input_per_image)}{_mib(plan.input_per_image):>10}{_mib(plan.input_per_image):>10}")
+    def working(ckpt) -> int:
         return (plan.per_image_bytes(ckpt) - plan.activations_per_image(ckpt) - plan.head_loss_per_image
                 - plan.input_per_image)
 
     lines.append(f"  {'backward working set (+ recomputed block with ckpt)':<56}{_mib(working(False))}"
-                 f"{_mib(working(True)):>10}")
-    lines.append(f"  {'total per image':<56}{_mib(plan.per_image_bytes(False))}{_mib(plan.per_image_bytes(True)):>10}")
+                 f"{_mib(working(True)):>10}{_mib(working('selective')):>10}")
+    lines.append(f"  {'total per image':<56}{_mib(plan.per_image_bytes(False))}{_mib(plan.per_image_bytes(True)):>10}"
+                 f"{_mib(plan.per_image_bytes('selective')):>10}")
     mb_plain, mb_ckpt = plan.max_micro_batch(False), plan.max_micro_batch(True)
     lines += [
         "",

@@ -68,6 +68,14 @@ def compile_blocks(model: nn.Module, *, backend: str | None = None, cuda_graphs:
     return len(blocks)
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def check_device(cfg, device: torch.device) -> None:
     """Options that need a CUDA device, checked once the device is known."""
     from .config import ConfigError
@@ -83,6 +91,9 @@ def apply_compile(cfg, student: nn.Module, teacher: nn.Module, device: torch.dev
     check_device(cfg, device)
     mode = compile_mode(cfg.compile)
     graphs = bool(getattr(cfg, "cuda_graph_teacher", False))
+    if graphs and _is_fsdp(teacher):
+        log.warning("--cuda_graph_teacher under FSDP2: a graph is re-recorded whenever an all-gather puts the "
+                    "teacher's parameters at new addresses; measure it against --compile blocks")
     if mode == "model":
         kw = {} if backend is None else {"backend": backend}
         student.compile(**kw)
