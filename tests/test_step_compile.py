@@ -2,7 +2,7 @@
 gradients, student, teacher and centre after 2 steps, fp32), per-block graphs have no graph break
 inside a block (torch._dynamo counters) and are not rebuilt after the first step (two crop sizes
 in one packed sequence, a second epoch), with every attention backend the CPU runs; FSDP2 with
-per-block compile on 2 gloo processes equals one eager process. The equality tests compile with
+per-block compile and selective checkpointing on 2 gloo processes equals one eager process. The equality tests compile with
 aot_eager (the CPU inductor build of a whole step takes minutes on this machine); one test builds
 a block with inductor."""
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_cuda_graph_teacher_needs_cuda():
 # ---------------------------------------------------------------- FSDP2 + per-block compile
 def _fsdp_blocks(rank, world, out):
     torch.set_num_threads(1)
-    st = make_state(world=world, use_fsdp=True, compile="blocks")
+    st = make_state(world=world, use_fsdp=True, compile="blocks", activation_checkpointing="selective")
     mon = CompileMonitor()
     losses = torch.tensor(run_steps(st, batches(2, rank, world)))
     torch.distributed.all_reduce(losses)   # each rank's loss is the mean over its half of the batch
