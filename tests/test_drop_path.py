@@ -128,3 +128,30 @@ def test_one_launch_backend_gets_the_kept_layout_mask(monkeypatch):
         b = sdpa(crops)
     assert PackedLayout((2, 1), (17, 5)) in seen   # 4 -> 2 and 2 -> 1 rows at p = 0.5
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [False, "selective", "full"])
+def test_memory_plan_counts_the_kept_rows_only(mode):
+    """--dry_run's plan with --efficient_drop_path: block i keeps the activations of (1 - p_i) of
+    the rows (p = 0, 0.25, 0.5 over 3 blocks; 8 rows per group, so k = R (1 - p) exactly);
+    it equals what the forward keeps alive (measured as in test_checkpointing) to within 1 %."""
+    from dino_fast.model import DINOHead, MultiCropWrapper
+    from dino_fast.model.vit import vit_small
+    from dino_fast.runtime.memory import memory_plan
+    from tests.test_checkpointing import retained_bytes
+    depth, b, k, n_local = 3, 4, 1000, 2
+    torch.manual_seed(0)
+    model = MultiCropWrapper(vit_small(16, depth=depth, attention="sdpa", drop_path_rate=0.5, efficient_drop_path=True,
+                                       activation_checkpointing=mode), DINOHead(384, k)).train()
+    crops = [torch.randn(b, 3, 224, 224) for _ in range(2)] + [torch.randn(b, 3, 96, 96) for _ in range(n_local)]
+    measured, _ = retained_bytes(model, crops)
+    kw = dict(depth=depth, batch_size_per_gpu=b, n_local=n_local, precision="fp32", attention="sdpa",
+              activation_checkpointing=mode, gpu_memory=80)
+    plan = memory_plan("vit_small", 16, k, efficient_drop_path_rate=0.5, **kw)
+    estimate = b * (plan.activations_per_image() + plan.head_per_image) + plan.fixed_bytes
+    assert estimate == pytest.approx(measured, rel=0.01)
+    masking = memory_plan("vit_small", 16, k, **kw)
+    if mode == "full":
+        assert plan.activations_per_image() == masking.activations_per_image()
+    else:
+        assert plan.activations_per_image() < 0.85 * masking.activations_per_image()

@@ -14,7 +14,8 @@ the reference's per-row Bernoulli(1 - p) mask with 1/(1 - p) scaling. The branch
 result equals masking the full-batch branch with those rows and that scale, exactly (tested in
 tests/test_drop_path.py). k_g is a Python int fixed by (R_g, p): the kept layout is static, so a
 compiled block sees the same shapes every step; only the row indices (a device tensor) change.
-Cost: the branch runs on about (1 - p) of the tokens, plus one gather and one index_add.
+Cost: the branch runs on about (1 - p) of the tokens, plus one gather and one scatter; saved for
+the backward: the branch's activations on the kept tokens and the (T_kept,) token index.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def drop_add_residual_packed(x: torch.Tensor, layout: PackedLayout, branch: Bran
     if rope is not None:
         from dino_fast.model.rope import RopeTables
         rope_kept = RopeTables(rope.cos[idx], rope.sin[idx])
-    y = branch(x[idx], kept, aux, rope_kept)  # (T_kept, D)
-    scale = token_scale(layout, kept, y.dtype, y.device)
-    if isinstance(scale, float):
-        return torch.index_add(x, 0, idx, y.to(x.dtype), alpha=scale)
-    return torch.index_add(x, 0, idx, (y * scale).to(x.dtype))
+    x_kept = x[idx]                           # (T_kept, D)
+    y = branch(x_kept, kept, aux, rope_kept)  # (T_kept, D)
+    y = y * token_scale(layout, kept, y.dtype, y.device)
+    # the kept rows are distinct: write x_kept + y over them (index_put keeps only idx for the
+    # backward; index_add would also keep y, a second copy of the branch output)
+    return x.index_put((idx,), x_kept + y.to(x.dtype))

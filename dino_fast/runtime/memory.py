@@ -146,6 +146,7 @@ class PlanInputs:
     reserved_gib: float = 1.0
     input_batches_in_flight: int = 2
     shape: object = None          # dino_fast.model.shape.BackboneShape; None: the reference ViT of `arch`
+    efficient_drop_path_rate: float = 0.0   # the student's drop path rate with --efficient_drop_path, else 0
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256, head_nlayers: int = 3,
                 optimizer: str = "adamw", attention: str = "auto", loss_impl: str = "auto",
                 img_size: int = 224, gpu_memory: float | None = None, safety_frac: float = 0.10,
-                reserved_gib: float = 1.0, input_batches_in_flight: int = 2, backbone=None) -> MemoryPlan:
+                reserved_gib: float = 1.0, input_batches_in_flight: int = 2, backbone=None,
+                efficient_drop_path_rate: float = 0.0) -> MemoryPlan:
     """Estimate the per-GPU memory of a DINO training step (see the module docstring).
 
     Args (names as the training config's fields):
@@ -262,6 +264,9 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
         backbone: the student backbone (a meta-device build is enough) for any architecture other
             than the reference ViTs (registers, SwiGLU, RoPE, large ViTs, convnets); an arch of
             dino_fast.model.registry with patch_size / depth is built on the meta device here.
+        efficient_drop_path_rate: with --efficient_drop_path, the drop path rate: block i (rate
+            p_i = rate * i / (depth - 1)) keeps the activations of a (1 - p_i) share of the rows
+            only, plus the int64 token index of each branch (0: off).
     """
     shape = None
     if backbone is None and arch not in ARCHS:
@@ -294,7 +299,8 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
                         checkpoint_mode(activation_checkpointing), global_size, local_size, n_global, n_local,
                         grad_accum_steps, depth, use_bn_in_head, norm_last_layer, head_hidden_dim,
                         head_bottleneck_dim, head_nlayers, optimizer, attention, loss_impl, img_size,
-                        gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight, shape)
+                        gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight, shape,
+                        float(efficient_drop_path_rate))
     return _plan(inputs)
 
 
@@ -347,6 +353,11 @@ def _plan(x: PlanInputs) -> MemoryPlan:
     # ---- activations per crop -----------------------------------------------------------
     attn = x.attention if x.attention != "auto" else "sdpa"
     n_out = 2 if (attn == "sdpa" and x.n_local > 0 and x.n_global > 0) else 1
+    # efficient drop path: block i runs its branches on a (1 - p_i) share of the rows (drop_path.py)
+    rate = x.efficient_drop_path_rate if sh is None or sh.kind != "convnet" else 0.0
+    rates = [rate * i / (units - 1) if units > 1 else 0.0 for i in range(units)]
+    kept_blocks = sum(1.0 - p for p in rates)                  # blocks' worth of full activations
+    index_token = sum(16 * (1.0 - p) for p in rates if p > 0)   # two int64 token indices per dropping block
     crops = []
     for kind, size, count in (("global", x.global_size, x.n_global), ("local", x.local_size, x.n_local)):
         if count == 0:
@@ -374,10 +385,10 @@ def _plan(x: PlanInputs) -> MemoryPlan:
         embed = 3 * size * size * a + rope_rows * tokens * 8 * (d // heads)   # + RoPE cos/sin tables (fp32)
         crops.append(CropActivations(
             kind, size, tokens, count,
-            saved=units * block + embed,
+            saved=int(kept_blocks * block + tokens * index_token) + embed,
             saved_ckpt=units * tokens * d * r + embed,
             block=block, transient=tokens * transient_token,
-            saved_selective=units * tokens * sel_token + embed,
+            saved_selective=int(tokens * (units * r * d + kept_blocks * (sel_token - r * d))) + embed,
             block_selective=tokens * max(0, per_token - sel_token + r * d)))
 
     # ---- head, logits and loss per image --------------------------------------------------
@@ -444,6 +455,7 @@ def memory_plan_from_config(cfg, world_size: int = 1, sharded: bool | None = Non
         head_bottleneck_dim=getattr(cfg, "head_bottleneck_dim", 256),
         optimizer=getattr(cfg, "optimizer", "adamw"), attention=getattr(cfg, "attention", "auto"),
         loss_impl=getattr(cfg, "loss_impl", "auto"), backbone=backbone,
+        efficient_drop_path_rate=cfg.drop_path_rate if getattr(cfg, "efficient_drop_path", False) else 0.0,
         gpu_memory=gpu_memory if gpu_memory is not None else (getattr(cfg, "gpu_memory", 0) or None))
 
 
