@@ -30,6 +30,24 @@ def bool_value(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def mode_value(value, flag: str, modes: tuple[str, ...], true_mode: str):
+    """False or one of `modes` from a bool (True: true_mode) or a word (a true / false word, or a
+    mode); anything else is a ValueError naming `flag` and the choices."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        return true_mode
+    low = str(value).lower()
+    if low in FALSE_WORDS + ("none", ""):
+        return False
+    if low in TRUE_WORDS:
+        return true_mode
+    if low in modes:
+        return low
+    words = ("false",) + tuple(modes)
+    raise ValueError(f"{flag} {value!r}: choose {', '.join(words[:-1])} or {words[-1]} (true means {true_mode})")
+
+
 def add_bool_argument(parser, name: str, default=False, help: str = "", **kw) -> argparse.Action:
     """`--name` (true), `--name true|false` or `--name=true|false`."""
     return parser.add_argument(name, nargs="?", const=True, default=default, type=bool_value,

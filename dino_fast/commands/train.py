@@ -18,6 +18,7 @@ def add_arguments(parser) -> None:
     from dino_fast.flags import add_bool_argument
     from dino_fast.train.config import TrainConfig, field_docs
     from dino_fast.train.presets import PRESETS
+    from dino_fast.train.step_options import MODE_FIELDS, add_mode_argument
     docs = field_docs()
     parser.add_argument("--preset", default=None, help=f"start from a named config: {', '.join(PRESETS)} "
                         "(default: demo when no --data_path is given; with --data_path, small on a CPU or for "
@@ -26,6 +27,9 @@ def add_arguments(parser) -> None:
         if f.name == "preset":
             continue
         text = (docs.get(f.name, "") + f" (default {f.default!r})").replace("%", "%%")
+        if f.name in MODE_FIELDS:   # --compile / --activation_checkpointing: a mode word or bare
+            add_mode_argument(parser, f.name, help=text)
+            continue
         if f.type in ("bool", bool):
             add_bool_argument(parser, f"--{f.name}", default=argparse.SUPPRESS, help=text)
             continue

@@ -29,10 +29,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from dino_fast.model.attention import (NEEDS_AUX, _group_qkv, attention_aux, math_attention, packed_attention,
                                        resolve_backend)
+from dino_fast.model.checkpointing import checkpoint_mode, run_checkpointed
+from dino_fast.model.drop_path import drop_add_residual_packed, kept_layout
 from dino_fast.model.ffn import LayerScale, Mlp, build_ffn
 from dino_fast.model.layout import PackedLayout
 from dino_fast.model.rope import RopePositionEmbedding, RopeTables, apply_rope_packed
@@ -132,12 +132,35 @@ class Block(nn.Module):
             self.mlp = build_ffn(ffn_layer, dim, mlp_ratio, ffn_hidden_dim, drop)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else None
 
-    def forward(self, x: torch.Tensor, layout: PackedLayout, aux=None, rope: RopeTables | None = None) -> torch.Tensor:
+        self.checkpointing: bool | str = False   # False | "full" | "selective" (checkpointing.py)
+        self.efficient_drop_path = False          # branches on the kept rows only (drop_path.py)
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout, aux=None, rope: RopeTables | None = None,
+                aux_kept=None) -> torch.Tensor:
+        """aux_kept: the attention mask object of the kept-row layout (efficient drop path)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return run_checkpointed(self.checkpointing, self._forward, x, layout, aux, rope, aux_kept)
+        return self._forward(x, layout, aux, rope, aux_kept)
+
+    def _attn_branch(self, x, layout, aux=None, rope=None) -> torch.Tensor:
         y = self.attn(self.norm1(x), layout, aux, rope)
-        x = x + self.drop_path(y if self.ls1 is None else self.ls1(y), layout)
+        return y if self.ls1 is None else self.ls1(y)
+
+    def _ffn_branch(self, x, layout=None, aux=None, rope=None) -> torch.Tensor:
         y = self.mlp(self.norm2(x))
-        x = x + self.drop_path(y if self.ls2 is None else self.ls2(y), layout)
-        return x
+        return y if self.ls2 is None else self.ls2(y)
+
+    def drops_rows(self) -> bool:
+        """The efficient stochastic depth runs in this forward."""
+        return self.efficient_drop_path and self.training and self.drop_path.drop_prob > 0.0
+
+    def _forward(self, x, layout, aux, rope, aux_kept) -> torch.Tensor:
+        if self.drops_rows():
+            p = self.drop_path.drop_prob
+            x = drop_add_residual_packed(x, layout, self._attn_branch, p, aux_kept, rope)
+            return drop_add_residual_packed(x, layout, self._ffn_branch, p)
+        x = x + self.drop_path(self._attn_branch(x, layout, aux, rope), layout)
+        return x + self.drop_path(self._ffn_branch(x), layout)
 
 
 class PatchEmbed(nn.Module):
@@ -159,7 +182,10 @@ class VisionTransformer(nn.Module):
     """Vision Transformer (reference constructor) with packed multi-crop forward.
 
     attention: "auto" | "xformers" | "flash" | "flex" | "sdpa" | "math", resolved
-    once here and logged. use_checkpoint: activation checkpointing per block.
+    once here and logged. use_checkpoint / activation_checkpointing: activation checkpointing per
+    block: False, True or "full" (recompute the block), "selective" (keep matmul and attention outputs,
+    recompute the element-wise ops; checkpointing.py). efficient_drop_path: stochastic depth runs each
+    residual branch on the kept rows only (drop_path.py).
 
     DINOv2 / DINOv3 options (keyword-only; the defaults are the reference DINO ViT):
     num_register_tokens: learned tokens after CLS in every row (DINOv2 registers, DINOv3 storage tokens).
@@ -181,7 +207,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=(224,), patch_size=16, in_chans=3, num_classes=0, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, norm_layer=nn.LayerNorm, attention: str = "auto",
-                 use_checkpoint: bool = False, activation_checkpointing: bool | None = None, *,
+                 use_checkpoint: bool = False, activation_checkpointing: bool | str | None = None, *,
                  num_register_tokens: int = 0, layerscale_init: float | None = None, ffn_layer: str = "mlp",
                  ffn_hidden_dim: int | None = None, mask_k_bias: bool = False, pos_embed: str = "learned",
                  rope_base: float | None = 100.0, rope_min_period: float | None = None,
@@ -189,7 +215,7 @@ class VisionTransformer(nn.Module):
                  rope_shift_coords: float | None = None, rope_jitter_coords: float | None = None,
                  rope_rescale_coords: float | None = None, pos_interp_offset: float = 0.1,
                  pos_interp_antialias: bool = False, mask_token: bool = False,
-                 untie_global_and_local_cls_norm: bool = False, **kwargs):
+                 untie_global_and_local_cls_norm: bool = False, efficient_drop_path: bool = False, **kwargs):
         super().__init__()
         if kwargs:
             log.debug("VisionTransformer ignores extra arguments %s (as the reference does)", sorted(kwargs))
@@ -207,7 +233,6 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 + self.num_register_tokens
         self.pos_interp_offset = float(pos_interp_offset)
         self.pos_interp_antialias = bool(pos_interp_antialias)
-        self.use_checkpoint = bool(use_checkpoint if activation_checkpointing is None else activation_checkpointing)
 
         self.patch_embed = PatchEmbed(img_size=img_size[0], patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim)
@@ -240,6 +265,29 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.register_tokens, std=0.02)
         self.apply(self._init_weights)
         self.set_attention(attention)
+        self.checkpointing = use_checkpoint if activation_checkpointing is None else activation_checkpointing
+        for blk in self.blocks:
+            blk.efficient_drop_path = bool(efficient_drop_path)
+
+    # ------------------------------------------------------------ activation checkpointing
+    @property
+    def checkpointing(self) -> bool | str:
+        """Activation checkpointing of every block: False, "full" or "selective" (checkpointing.py)."""
+        return self.blocks[0].checkpointing if len(self.blocks) else False
+
+    @checkpointing.setter
+    def checkpointing(self, value) -> None:
+        mode = checkpoint_mode(value)
+        for blk in self.blocks:
+            blk.checkpointing = mode
+
+    @property
+    def use_checkpoint(self) -> bool:
+        return bool(self.checkpointing)
+
+    @use_checkpoint.setter
+    def use_checkpoint(self, value) -> None:
+        self.checkpointing = value
 
     @staticmethod
     def _init_weights(m):
@@ -379,16 +427,24 @@ class VisionTransformer(nn.Module):
             return previous
         return self.rope_embed.packed(layout, grids, self.num_prefix_tokens)
 
-    def _run_block(self, blk: Block, x: torch.Tensor, layout: PackedLayout, aux, rope=None) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, layout, aux, rope, use_reentrant=False)
-        return blk(x, layout, aux, rope)
+    def _run_block(self, blk: Block, x: torch.Tensor, layout: PackedLayout, aux, rope=None,
+                   aux_kept=None) -> torch.Tensor:
+        return blk(x, layout, aux, rope, aux_kept)   # activation checkpointing is inside the block
+
+    def _aux_kept(self, x: torch.Tensor, layout: PackedLayout, blk: Block, cache: dict):
+        """The attention mask object of the kept-row layout of `blk` (efficient drop path)."""
+        if self.attention not in NEEDS_AUX or not blk.drops_rows():
+            return None
+        kept = kept_layout(layout, blk.drop_path.drop_prob)
+        if kept not in cache:
+            cache[kept] = attention_aux(kept, self.attention, x.device)
+        return cache[kept]
 
     def _blocks(self, x: torch.Tensor, layout: PackedLayout, grids) -> torch.Tensor:
-        aux, rope = self._aux(x, layout), None
+        aux, rope, kept = self._aux(x, layout), None, {}
         for i, blk in enumerate(self.blocks):
             rope = self._rope(layout, grids, i, rope)
-            x = self._run_block(blk, x, layout, aux, rope)
+            x = self._run_block(blk, x, layout, aux, rope, self._aux_kept(x, layout, blk, kept))
         return x
 
     @staticmethod

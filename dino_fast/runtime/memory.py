@@ -31,6 +31,12 @@ under FSDP2 alike)):
   = (2r + 14a)·D (+ a·D for sdpa) per token: 36·D bytes with autocast bf16.
   Activation checkpointing keeps only each block's input (r·D per token) and recomputes one
   block at a time in the backward (one block's activations for the whole micro-batch).
+  Selective checkpointing (dino_fast.model.checkpointing) keeps the block input r·D and the
+  outputs of the matmuls and attention kernels: qkv a·3D, attention output a·D (+ the
+  log-sum-exp H·4; math attention: the scores a·H·L and attn @ v a·D), proj a·D, the FFN's
+  matmul outputs (MLP: fc1 a·Hm and fc2 a·D; SwiGLU: a·2H' and a·D); the element-wise rest
+  (LayerNorm outputs, GELU / SiLU, LayerScale, RoPE) is recomputed one block at a time:
+  r·D + 10a·D + 4H = 24·D + 4H bytes per token for the ViT MLP in bf16 with fp32 residuals.
   Per crop-image also: the patch-embedding input 3·S²·a and the final norm + head MLP
   activations (small). Backward working set: the gradients of the largest layer (a·8D per
   token, + the L x L probability gradients for math attention).
@@ -64,6 +70,12 @@ ARCHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}
 DEFAULT_GPU_GIB = 80.0
 FUSED_LOSS = ("auto", "triton", "fused")
+
+
+def checkpoint_mode(value) -> bool | str:
+    """False | "full" | "selective" (dino_fast.model.checkpointing.checkpoint_mode)."""
+    from dino_fast.model.checkpointing import checkpoint_mode as mode
+    return mode(value)
 
 
 # ----------------------------------------------------------------------------- parameter counts
@@ -113,7 +125,7 @@ class PlanInputs:
     world_size: int = 1
     precision: str = "bf16"
     sharded: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False   # False | "full" | "selective" (True: full)
     global_size: int = 224
     local_size: int = 96
     n_global: int = 2
@@ -135,6 +147,7 @@ class PlanInputs:
     reserved_gib: float = 1.0
     input_batches_in_flight: int = 2
     shape: object = None          # dino_fast.model.shape.BackboneShape; None: the reference ViT of `arch`
+    efficient_drop_path_rate: float = 0.0   # the student's drop path rate with --efficient_drop_path, else 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,8 @@ class CropActivations:
     saved_ckpt: int      # bytes saved for backward with activation checkpointing
     block: int           # bytes of one block's saved activations (the recompute under checkpointing)
     transient: int       # backward working set of one block
+    saved_selective: int = 0   # bytes saved for backward with selective checkpointing
+    block_selective: int = 0   # one block's recomputed element-wise activations under selective
 
 
 @dataclass(frozen=True)
@@ -173,22 +188,28 @@ class MemoryPlan:
     def state_bytes(self) -> int:
         return sum(self.state.values())
 
-    def activations_per_image(self, checkpointing: bool | None = None) -> int:
-        """Backbone activation bytes saved per image (all crops), without the backward transient."""
-        ckpt = self.inputs.activation_checkpointing if checkpointing is None else checkpointing
-        return sum(c.count * (c.saved_ckpt if ckpt else c.saved) for c in self.crops)
+    def _mode(self, checkpointing) -> bool | str:
+        return checkpoint_mode(self.inputs.activation_checkpointing if checkpointing is None else checkpointing)
 
-    def per_image_bytes(self, checkpointing: bool | None = None) -> int:
+    def activations_per_image(self, checkpointing: bool | str | None = None) -> int:
+        """Backbone activation bytes saved per image (all crops), without the backward transient.
+        checkpointing: False, True / "full", "selective" (None: the plan's)."""
+        mode = self._mode(checkpointing)
+        return sum(c.count * {False: c.saved, "full": c.saved_ckpt, "selective": c.saved_selective}[mode]
+                   for c in self.crops)
+
+    def per_image_bytes(self, checkpointing: bool | str | None = None) -> int:
         """Everything that grows with the micro-batch, per image."""
-        ckpt = self.inputs.activation_checkpointing if checkpointing is None else checkpointing
-        extra = sum(c.count * (c.transient + (c.block if ckpt else 0)) for c in self.crops)
-        return self.activations_per_image(ckpt) + extra + self.head_loss_per_image + self.input_per_image
+        mode = self._mode(checkpointing)
+        recompute = {False: lambda c: 0, "full": lambda c: c.block, "selective": lambda c: c.block_selective}[mode]
+        extra = sum(c.count * (c.transient + recompute(c)) for c in self.crops)
+        return self.activations_per_image(mode) + extra + self.head_loss_per_image + self.input_per_image
 
     @property
     def head_loss_per_image(self) -> int:
         return self.head_per_image + self.loss_per_image
 
-    def peak_bytes(self, micro_batch: int | None = None, checkpointing: bool | None = None) -> int:
+    def peak_bytes(self, micro_batch: int | None = None, checkpointing: bool | str | None = None) -> int:
         b = self.micro_batch if micro_batch is None else micro_batch
         return self.state_bytes + self.fixed_bytes + b * self.per_image_bytes(checkpointing)
 
@@ -196,7 +217,7 @@ class MemoryPlan:
     def estimated_peak_bytes(self) -> int:
         return self.peak_bytes()
 
-    def max_micro_batch(self, checkpointing: bool | None = None) -> int:
+    def max_micro_batch(self, checkpointing: bool | str | None = None) -> int:
         """Largest micro-batch (images per GPU per forward) whose estimated peak fits the usable memory."""
         room = self.usable_bytes - self.state_bytes - self.fixed_bytes
         return max(0, room // self.per_image_bytes(checkpointing))
@@ -217,13 +238,14 @@ def visible_gpu_memory() -> tuple[float, str] | None:
 
 def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65536, *,
                 batch_size_per_gpu: int = 64, world_size: int = 1, precision: str = "bf16",
-                sharded: bool = False, activation_checkpointing: bool = False, global_size: int = 224,
+                sharded: bool = False, activation_checkpointing: bool | str = False, global_size: int = 224,
                 local_size: int = 96, n_global: int = 2, n_local: int = 8, grad_accum_steps: int = 1,
                 depth: int = 0, use_bn_in_head: bool = False, norm_last_layer: bool = True,
                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256, head_nlayers: int = 3,
                 optimizer: str = "adamw", attention: str = "auto", loss_impl: str = "auto",
                 img_size: int = 224, gpu_memory: float | None = None, safety_frac: float = 0.10,
-                reserved_gib: float = 1.0, input_batches_in_flight: int = 2, backbone=None) -> MemoryPlan:
+                reserved_gib: float = 1.0, input_batches_in_flight: int = 2, backbone=None,
+                efficient_drop_path_rate: float = 0.0) -> MemoryPlan:
     """Estimate the per-GPU memory of a DINO training step (see the module docstring).
 
     Args (names as the training config's fields):
@@ -232,7 +254,8 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
             of micro-batches it is split into (activations scale with the micro-batch).
         world_size, sharded: FSDP2 over world_size ranks (sharded=True) or replicated.
         precision: "bf16" | "fp16" | "fp32" (GPU compute precision; master weights are fp32).
-        activation_checkpointing: recompute each student block in the backward.
+        activation_checkpointing: False; True / "full" (recompute each student block in the backward);
+            "selective" (keep matmul and attention outputs, recompute the element-wise ops).
         global_size, local_size, n_global, n_local: the multi-crop setting.
         optimizer: adamw | sgd | lars.   attention: auto | sdpa | xformers | flash | flex | math.
         loss_impl: auto | triton (fused loss) | torch | reference (materialised reference loss).
@@ -242,6 +265,9 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
         backbone: the student backbone (a meta-device build is enough) for any architecture other
             than the reference ViTs (registers, SwiGLU, RoPE, large ViTs, convnets); an arch of
             dino_fast.model.registry with patch_size / depth is built on the meta device here.
+        efficient_drop_path_rate: with --efficient_drop_path, the drop path rate: block i (rate
+            p_i = rate * i / (depth - 1)) keeps the activations of a (1 - p_i) share of the rows
+            only, plus the int64 token index of each branch (0: off).
     """
     shape = None
     if backbone is None and arch not in ARCHS:
@@ -271,10 +297,11 @@ def memory_plan(arch: str = "vit_small", patch_size: int = 16, out_dim: int = 65
         found = visible_gpu_memory()
         gpu_gib, gpu_name = found if found else (DEFAULT_GPU_GIB, "assumed (no GPU visible)")
     inputs = PlanInputs(arch, patch_size, out_dim, batch_size_per_gpu, world_size, precision, bool(sharded),
-                        bool(activation_checkpointing), global_size, local_size, n_global, n_local,
+                        checkpoint_mode(activation_checkpointing), global_size, local_size, n_global, n_local,
                         grad_accum_steps, depth, use_bn_in_head, norm_last_layer, head_hidden_dim,
                         head_bottleneck_dim, head_nlayers, optimizer, attention, loss_impl, img_size,
-                        gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight, shape)
+                        gpu_gib, gpu_name, safety_frac, reserved_gib, input_batches_in_flight, shape,
+                        float(efficient_drop_path_rate))
     return _plan(inputs)
 
 
@@ -326,6 +353,11 @@ def _plan(x: PlanInputs) -> MemoryPlan:
     # ---- activations per crop -----------------------------------------------------------
     attn = x.attention if x.attention != "auto" else "sdpa"
     n_out = 2 if (attn == "sdpa" and x.n_local > 0 and x.n_global > 0) else 1
+    # efficient drop path: block i runs its branches on a (1 - p_i) share of the rows (drop_path.py)
+    rate = x.efficient_drop_path_rate if sh is None or sh.kind != "convnet" else 0.0
+    rates = [rate * i / (units - 1) if units > 1 else 0.0 for i in range(units)]
+    kept_blocks = sum(1.0 - p for p in rates)                  # blocks' worth of full activations
+    index_token = sum(16 * (1.0 - p) for p in rates if p > 0)   # two int64 token indices per dropping block
     crops = []
     for kind, size, count in (("global", x.global_size, x.n_global), ("local", x.local_size, x.n_local)):
         if count == 0:
@@ -347,12 +379,17 @@ def _plan(x: PlanInputs) -> MemoryPlan:
         else:
             per_token += heads * 4
         block = tokens * per_token
+        # selective: block input, qkv, attention output (+ lse, or the math scores), proj, FFN matmul outputs
+        attn_kept = heads * tokens * a + a * d if attn == "math" else a * d + heads * 4
+        sel_token = r * d + 5 * a * d + attn_kept + (ffn_saved // 2) * a
         embed = 3 * size * size * a + rope_rows * tokens * 8 * (d // heads)   # + RoPE cos/sin tables (fp32)
         crops.append(CropActivations(
             kind, size, tokens, count,
-            saved=units * block + embed,
+            saved=int(kept_blocks * block + tokens * index_token) + embed,
             saved_ckpt=units * tokens * d * r + embed,
-            block=block, transient=tokens * transient_token))
+            block=block, transient=tokens * transient_token,
+            saved_selective=int(tokens * (units * r * d + kept_blocks * (sel_token - r * d))) + embed,
+            block_selective=tokens * max(0, per_token - sel_token + r * d)))
 
     # ---- head, logits and loss per image --------------------------------------------------
     ncrops = x.n_global + x.n_local
@@ -418,6 +455,7 @@ def memory_plan_from_config(cfg, world_size: int = 1, sharded: bool | None = Non
         head_bottleneck_dim=getattr(cfg, "head_bottleneck_dim", 256),
         optimizer=getattr(cfg, "optimizer", "adamw"), attention=getattr(cfg, "attention", "auto"),
         loss_impl=getattr(cfg, "loss_impl", "auto"), backbone=backbone,
+        efficient_drop_path_rate=cfg.drop_path_rate if getattr(cfg, "efficient_drop_path", False) else 0.0,
         gpu_memory=gpu_memory if gpu_memory is not None else (getattr(cfg, "gpu_memory", 0) or None))
 
 
@@ -462,32 +500,37 @@ def format_plan(plan: MemoryPlan) -> str:
     for name, n in plan.state.items():
         lines.append(f"  {name:<56}{_gib(n)}")
     lines.append(f"  {'total':<56}{_gib(plan.state_bytes)}")
-    lines += ["", f"{'activations per image (student, saved for backward)':<58}{'MiB':>9}{'MiB ckpt':>10}"]
+    lines += ["", f"{'activations per image (student, saved for backward)':<58}{'MiB':>9}{'MiB ckpt':>10}"
+              f"{'MiB sel':>10}"]
     for c in plan.crops:
         tokens = f" ({c.tokens} tokens)" if c.tokens else ""
         label = f"{c.count} x {c.kind} {c.size} px{tokens}, {_mib(c.saved).strip()} MiB each"
-        lines.append(f"  {label:<56}{_mib(c.count * c.saved)}{_mib(c.count * c.saved_ckpt):>10}")
+        lines.append(f"  {label:<56}{_mib(c.count * c.saved)}{_mib(c.count * c.saved_ckpt):>10}"
+                     f"{_mib(c.count * c.saved_selective):>10}")
     lines.append(f"  {'head + logits + loss (' + str(x.n_global + x.n_local) + ' crops x K)':<56}"
-                 f"{_mib(plan.head_loss_per_image)}{_mib(plan.head_loss_per_image):>10}")
+                 f"{_mib(plan.head_loss_per_image)}{_mib(plan.head_loss_per_image):>10}"
+                 f"{_mib(plan.head_loss_per_image):>10}")
     lines.append(f"  {'input crops (fp32, ' + str(x.input_batches_in_flight) + ' batches in flight)':<56}"
-                 f"{_mib(plan.input_per_image)}{_mib(plan.input_per_image):>10}")
-    def working(ckpt: bool) -> int:
+                 f"{_mib(plan.input_per_image)}{_mib(plan.input_per_image):>10}{_mib(plan.input_per_image):>10}")
+    def working(ckpt) -> int:
         return (plan.per_image_bytes(ckpt) - plan.activations_per_image(ckpt) - plan.head_loss_per_image
                 - plan.input_per_image)
 
     lines.append(f"  {'backward working set (+ recomputed block with ckpt)':<56}{_mib(working(False))}"
-                 f"{_mib(working(True)):>10}")
-    lines.append(f"  {'total per image':<56}{_mib(plan.per_image_bytes(False))}{_mib(plan.per_image_bytes(True)):>10}")
+                 f"{_mib(working(True)):>10}{_mib(working('selective')):>10}")
+    lines.append(f"  {'total per image':<56}{_mib(plan.per_image_bytes(False))}{_mib(plan.per_image_bytes(True)):>10}"
+                 f"{_mib(plan.per_image_bytes('selective')):>10}")
     mb_plain, mb_ckpt = plan.max_micro_batch(False), plan.max_micro_batch(True)
     lines += [
         "",
         f"GPU memory {x.gpu_memory_gib:.1f} GiB ({x.gpu_name}); usable {plan.usable_bytes / GiB:.1f} GiB after a "
         f"{100 * x.safety_frac:.0f} % + {x.reserved_gib:g} GiB margin (CUDA context, workspaces, fragmentation)",
         f"Estimated peak at micro-batch {plan.micro_batch}"
-        f"{' with activation checkpointing' if x.activation_checkpointing else ''}: "
+        f"{f' with {checkpoint_mode(x.activation_checkpointing)} activation checkpointing' if x.activation_checkpointing else ''}: "
         f"{plan.estimated_peak_bytes / GiB:.1f} GiB -> {'fits' if plan.fits else 'DOES NOT FIT'}",
         f"Largest micro-batch per GPU that fits: {mb_plain} without activation checkpointing, "
-        f"{mb_ckpt} with --activation_checkpointing",
+        f"{mb_ckpt} with --activation_checkpointing (full), {plan.max_micro_batch('selective')} with "
+        f"--activation_checkpointing selective",
     ]
     return "\n".join(lines)
 

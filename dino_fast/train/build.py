@@ -33,7 +33,8 @@ def build_backbone(cfg, student: bool, init=None) -> nn.Module:
     if student:
         kw["drop_path_rate"] = cfg.drop_path_rate  # stochastic depth on the student only, as the reference
     if bcfg.kind == "vit":
-        kw["activation_checkpointing"] = cfg.activation_checkpointing and student
+        kw["activation_checkpointing"] = cfg.activation_checkpointing if student else False
+        kw["efficient_drop_path"] = getattr(cfg, "efficient_drop_path", False) and student
         if student and bcfg.pos_embed == "rope":
             kw.update(rope_shift_coords=cfg.rope_shift_coords or None,
                       rope_jitter_coords=cfg.rope_jitter_coords or None,
@@ -130,10 +131,9 @@ def prepare(cfg, student: nn.Module, teacher: nn.Module, device: torch.device, w
     if use_fsdp:
         student = shard(student, world_size, device, policy)
         teacher = shard(teacher, world_size, device, policy, teacher=True)
-    if cfg.compile:
-        student.compile()
-        teacher.compile()
-    log.info("student/teacher %s: %s on %s, precision %s, %s", cfg.arch,
+    from .compile import apply_compile  # --compile blocks|model, --cuda_graph_teacher (inside the FSDP2 units)
+    student, teacher = apply_compile(cfg, student, teacher, device)
+    log.info("student/teacher %s: %s on %s, precision %s, compile %s", cfg.arch,
              "FSDP2 over %d ranks" % world_size if use_fsdp else "single device", device,
-             cfg.precision if device.type == "cuda" else "fp32 (CPU)", "compiled" if cfg.compile else "eager")
+             cfg.precision if device.type == "cuda" else "fp32 (CPU)", cfg.compile or "off")
     return student, teacher, autocast, scaler

@@ -101,10 +101,10 @@ class TrainConfig:
     """Teacher EMA implementation: auto, triton, foreach or loop (the reference's per-parameter loop)."""
     pipeline: str = "auto"
     """Data pipeline backend: auto, dali or torch."""
-    compile: bool = False
-    """torch.compile the student and teacher."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in the backward (saves memory, ~30% more compute)."""
+    compile: bool | str = False
+    """torch.compile: false, blocks (each transformer block of student and teacher: small graphs, no recompiles across crop sizes) or model (the whole student and teacher; true means model)."""
+    activation_checkpointing: bool | str = False
+    """Activation checkpointing per transformer block: false, full (recompute the block in the backward, ~30% more compute; true means full) or selective (keep matmul and attention outputs, recompute the element-wise ops)."""
     log_interval: int = 10
     """Optimizer steps between log records (the only host syncs of the loop)."""
     grad_accum_steps: int = 1
@@ -236,6 +236,14 @@ class TrainConfig:
     gram_img_level: bool = True
     """dinov2: Gram matrices per image (DINOv3 7B config) instead of over all patches of the local batch."""
 
+    # ---- stepspeed: step speed options (step_options.py) ----
+    fused_optimizer: bool = False
+    """AdamW with fused=True (one kernel for all parameters of a group) where the device supports it (CUDA, CPU)."""
+    efficient_drop_path: bool = False
+    """Stochastic depth that runs each residual branch only on the kept rows (crop x image) and scatters it back (DINOv2/DINOv3), instead of zeroing a computed branch."""
+    cuda_graph_teacher: bool = False
+    """Compile the teacher's transformer blocks with CUDA graphs (static shapes; CUDA only)."""
+
 
 @lru_cache(maxsize=1)
 def field_docs() -> dict[str, str]:
@@ -281,6 +289,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     choice("device", ("auto", "cuda", "cpu"))
     if cfg.use_fp16:
         cfg.precision = "fp16"
+    try:
+        from .step_options import normalize
+        normalize(cfg)   # --compile / --activation_checkpointing: bool or mode word -> mode
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     cfg.global_crops_scale = _check_scale("global_crops_scale", cfg.global_crops_scale)
     cfg.local_crops_scale = _check_scale("local_crops_scale", cfg.local_crops_scale)
     positive = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_interval", "grad_accum_steps",
@@ -293,6 +306,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "rope_min_period", "rope_max_period", "rope_shift_coords", "norm_eps"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.fused_optimizer and cfg.optimizer != "adamw":
+        raise ConfigError(f"--fused_optimizer is for adamw, not --optimizer {cfg.optimizer}: use --optimizer adamw "
+                          "or --fused_optimizer false")
     if cfg.batch_size_per_gpu % cfg.grad_accum_steps:
         raise ConfigError(f"--batch_size_per_gpu {cfg.batch_size_per_gpu} is not divisible by --grad_accum_steps "
                           f"{cfg.grad_accum_steps}: each micro-batch holds batch_size_per_gpu / grad_accum_steps images")

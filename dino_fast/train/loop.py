@@ -185,7 +185,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
                                           cfg.local_crops_number, head=student.head)
     student, teacher, autocast, scaler = prepare(cfg, student, teacher, run.device, run.world_size, run.use_fsdp)
     dino_loss = parts.build_loss(cfg, run.device)
-    optimizer = build_optimizer(cfg.optimizer, parts.params_groups(cfg, student))
+    optimizer = build_optimizer(cfg.optimizer, parts.params_groups(cfg, student), fused=cfg.fused_optimizer)
     schedules = parts.build_schedules(cfg, len(loader), run.world_size)
     st = StepState(cfg, student, teacher, dino_loss, optimizer, schedules, autocast, scaler, run.use_fsdp)
     # ============ resume ============
@@ -214,6 +214,8 @@ def _train(cfg: TrainConfig, stop) -> dict:
     imgs_per_step = cfg.batch_size_per_gpu * run.world_size
 
     stop.arm(len(loader), cfg.epochs)  # signals now stop at a step boundary
+    from .compile import CompileMonitor  # graphs compiled / graph breaks per epoch (recompiles after the first)
+    compiles = CompileMonitor()
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         logger.start_epoch(epoch)
@@ -252,6 +254,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
             if ep.n + win.n < len(loader):  # the epoch's last step: checked after its checkpoint
                 stop.check(it, last_ckpt, window=win.n == 0)
         logger.end_epoch()
+        compiles.log_epoch(epoch, first=epoch == start_epoch)
         # ============ epoch end: epoch record, checkpoint ============
         dt = time.perf_counter() - ep.t0
         rec = {"epoch": epoch, "it": it, "loss": float(ep.loss) / max(ep.n, 1), "lr": float(schedules.lr[it - 1]),

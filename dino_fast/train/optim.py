@@ -102,8 +102,12 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["mu"], alpha=-g["lr"])
 
 
-def build_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
-    """adamw | sgd (momentum 0.9) | lars; lr and weight decay are set every step from the schedules."""
+def build_optimizer(name: str, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
+    """adamw | sgd (momentum 0.9) | lars; lr and weight decay are set every step from the schedules.
+    fused: torch's fused AdamW kernel (fused_optim.py) where the parameters' device has it."""
+    if fused:
+        from .fused_optim import build_fused
+        return build_fused(name, groups)
     if name == "adamw":
         return torch.optim.AdamW(groups)
     if name == "sgd":
@@ -122,11 +126,19 @@ class Schedules:
     niter_per_ep: int
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer, it: int) -> None:
-        """lr on every group, weight decay on the first (regularized) group only."""
+        """lr on every group, weight decay on the first (regularized) group only; groups with
+        `lr_multiplier` / `wd_multiplier` keys (layer-wise decay, DINOv2) get the scheduled value
+        times their multiplier, weight decay then on every group. Values come from the host
+        arrays; a tensor lr (fused / capturable optimizers) is filled in place: no host sync."""
+        from .fused_optim import set_group_value
+        lr, wd = float(self.lr[it]), float(self.wd[it])
+        per_group_wd = any("wd_multiplier" in g for g in optimizer.param_groups)
         for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(self.lr[it])
-            if i == 0:
-                group["weight_decay"] = float(self.wd[it])
+            set_group_value(group, "lr", lr * group.get("lr_multiplier", 1.0))
+            if per_group_wd:
+                set_group_value(group, "weight_decay", wd * group.get("wd_multiplier", 1.0))
+            elif i == 0:
+                set_group_value(group, "weight_decay", wd)
 
 
 def build_schedules(cfg, niter_per_ep: int, world_size: int) -> Schedules:

@@ -21,6 +21,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .compile import mark_step
 from .config import TrainConfig
 from .optim import Schedules, cancel_gradients_last_layer, clip_gradients
 
@@ -85,6 +86,7 @@ def train_step(st: StepState, crops: list[torch.Tensor], it: int, epoch: int) ->
         if st.use_fsdp:
             st.student.set_requires_gradient_sync(j == n - 1)  # reduce-scatter once per step
         with st.autocast():
+            mark_step(cfg)   # --cuda_graph_teacher: a new CUDA-graph generation per micro-batch
             with torch.no_grad():
                 teacher_out = st.teacher(micro[:2])        # (2*b, K): the 2 global crops only
             student_out = st.student(micro)                # (ncrops*b, K): all crops
