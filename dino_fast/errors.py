@@ -23,6 +23,11 @@ class UserError(Exception):
     """Input that cannot work; the message names the file or flag and the fix (one line)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work; the message names the argument and the fix
+    (raised by dino_fast.train.config.validate and the method checks it calls)."""
+
+
 # errors of modules that stay independent of this one: (module, class name)
 _ELSEWHERE = (("dino_fast.pipelines.sources", "SourceError"),
               ("dino_fast.pipelines.loader", "PipelineError"),

@@ -150,7 +150,8 @@ def test_gpu_step_has_no_host_sync():
                          "ibot_head_hidden_dim": 32, "ibot_head_bottleneck_dim": 16, "gram_loss_weight": 0.5,
                          "gram_update_frequency": 1000, "centering": "sinkhorn_knopp"})
     dev = torch.device("cuda")
-    parts = method_parts(cfg)
+    from dino_fast.train import loop
+    parts = method_parts(cfg, loop)
     s, t = parts.build_pair(cfg)
     s, t, autocast, scaler = prepare(cfg, s, t, dev, 1, False)
     st = StepState(cfg, s, t, parts.build_loss(cfg, dev), build_optimizer("adamw", parts.params_groups(cfg, s)),

@@ -11,10 +11,21 @@ state dicts (`center`) and numbers.
 - `KoLeoLoss` (and DINOv3's `KoLeoLossDistributed`): the KoLeo regulariser.
 The teacher centrings can also return a `SoftmaxTeacher` (materialize=False)
 that the losses consume without writing the teacher probabilities.
+
+Names are imported lazily (dino_fast._lazy_exports), so the training presets and config
+(dino_fast/dinov2/presets.py, train_config.py) load without torch and `--help` stays instant.
 """
-from dino_fast.dinov2.dino_clstoken_loss import DINOLoss
-from dino_fast.dinov2.ibot_patch_loss import iBOTPatchLoss
-from dino_fast.dinov2.koleo_loss import KoLeoLoss, KoLeoLossDistributed
-from dino_fast.kernels.softmax_teacher import SoftmaxTeacher
+from dino_fast import _lazy_exports
+
+# public name -> module that defines it
+_EXPORTS = {
+    "DINOLoss": "dino_fast.dinov2.dino_clstoken_loss",
+    "iBOTPatchLoss": "dino_fast.dinov2.ibot_patch_loss",
+    "KoLeoLoss": "dino_fast.dinov2.koleo_loss",
+    "KoLeoLossDistributed": "dino_fast.dinov2.koleo_loss",
+    "SoftmaxTeacher": "dino_fast.kernels.softmax_teacher",
+}
 
 __all__ = ["DINOLoss", "iBOTPatchLoss", "KoLeoLoss", "KoLeoLossDistributed", "SoftmaxTeacher"]
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

@@ -8,7 +8,8 @@ LR_SCALINGS = ("linear_wrt_256", "sqrt_wrt_1024")
 
 
 def validate_dinov2(cfg) -> None:
-    from dino_fast.train.config import ConfigError, _is_vit
+    from dino_fast.errors import ConfigError
+    from dino_fast.model.registry import VIT_ARCHS
     for name, options in (("method", METHODS), ("centering", CENTERINGS), ("lr_scaling", LR_SCALINGS)):
         if getattr(cfg, name) not in options:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r} is not one of: {', '.join(options)}")
@@ -36,7 +37,7 @@ def validate_dinov2(cfg) -> None:
         raise ConfigError(f"--patch_embed_lr_mult must be positive, got {cfg.patch_embed_lr_mult}")
     if cfg.method != "dinov2":
         return
-    if not _is_vit(cfg.arch):
+    if not cfg.arch in VIT_ARCHS:
         raise ConfigError(f"--method dinov2 needs a ViT (masked patch tokens); --arch {cfg.arch} is a convnet")
     if cfg.grad_accum_steps != 1:
         raise ConfigError("--method dinov2 runs one micro-batch per step: use --grad_accum_steps 1")

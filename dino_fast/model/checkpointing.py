@@ -16,8 +16,15 @@
 """
 from __future__ import annotations
 
-import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from functools import cache
+
+
+@cache
+def _torch_checkpoint():
+    """torch.utils.checkpoint, imported on first use: the config and `--help` read the modes
+    (checkpoint_mode) without importing torch."""
+    import torch.utils.checkpoint
+    return torch.utils.checkpoint
 
 MODES = (False, "full", "selective")
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "matmul", "linear", "_int_mm")
@@ -38,12 +45,13 @@ def is_saved_op(func) -> bool:
 
 
 def _policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if is_saved_op(func) else CheckpointPolicy.PREFER_RECOMPUTE
+    policy = _torch_checkpoint().CheckpointPolicy
+    return policy.MUST_SAVE if is_saved_op(func) else policy.PREFER_RECOMPUTE
 
 
 def selective_context():
     """The (forward, recompute) context pair of the selective policy."""
-    return create_selective_checkpoint_contexts(_policy)
+    return _torch_checkpoint().create_selective_checkpoint_contexts(_policy)
 
 
 def run_checkpointed(mode, fn, *args):
@@ -51,5 +59,5 @@ def run_checkpointed(mode, fn, *args):
     if not mode:
         return fn(*args)
     if mode == "selective":
-        return checkpoint(fn, *args, use_reentrant=False, context_fn=selective_context)
-    return checkpoint(fn, *args, use_reentrant=False)
+        return _torch_checkpoint().checkpoint(fn, *args, use_reentrant=False, context_fn=selective_context)
+    return _torch_checkpoint().checkpoint(fn, *args, use_reentrant=False)

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
-from dino_fast.errors import UserError
+from dino_fast.errors import ConfigError  # noqa: F401  (raised here; importable from here as before)
 from dino_fast.model.registry import VIT_ARCHS
 
 ARCHS = tuple(VIT_ARCHS)  # the ViTs; any torchvision / timm classification model name is a convnet
@@ -255,10 +255,6 @@ def field_docs() -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value that cannot work; the message names the argument and the fix."""
 
 
 def _check_scale(name: str, value) -> tuple:

@@ -8,6 +8,7 @@ every `log_interval` steps (one all-reduce under FSDP).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -175,7 +176,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
         remove_stale(cfg.output_dir)
         save_config(cfg, cfg.output_dir)
     # ============ models, loss, optimizer, schedules ============
-    parts = method_parts(cfg)  # --method: dino (build/optim/step) or dinov2 (dino_fast/dinov2)
+    parts = method_parts(cfg, sys.modules[__name__])  # --method: dino (build/optim/step) or dinov2 (dino_fast/dinov2)
     student, teacher = parts.build_pair(cfg)
     from dino_fast.model.backbone_config import config_from_model
     run_args = {**to_dict(cfg), "backbone_config": config_from_model(student.backbone).to_dict(),  # exact, for load
