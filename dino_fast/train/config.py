@@ -99,7 +99,7 @@ class TrainConfig:
     ema_impl: str = "auto"
     """Teacher EMA implementation: auto, triton, foreach or loop (the reference's per-parameter loop)."""
     pipeline: str = "auto"
-    """Data pipeline backend: auto, dali or torch."""
+    """Data pipeline backend: auto, dali, torch or tensor (in-memory arrays such as the demo data, augmented in the training process)."""
     compile: bool = False
     """torch.compile the student and teacher."""
     activation_checkpointing: bool = False
