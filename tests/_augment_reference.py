@@ -41,3 +41,20 @@ def reference_with_params(image: Image.Image, row: np.ndarray, size: int) -> tor
     if row[P.SOLARIZE]:
         im = ImageOps.solarize(im, threshold=128)
     return F.to_tensor(im)
+
+
+def errors_against_reference(crops, params, image_of, cfg: AugmentConfig):
+    """Mean absolute error (0-255 levels) of every crop against `reference_with_params` on
+    the same decisions, and how often each op was drawn. crops: ncrops x (B, 3, S, S)
+    normalized; params (B, ncrops, NPARAMS) numpy; image_of(b) -> the PIL image of sample b."""
+    errors, seen = [], {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "solarize": 0}
+    for k, crop in enumerate(crops):
+        got = denorm(crop, cfg)
+        for b in range(crop.shape[0]):
+            row = np.asarray(params[b, k])
+            expected = reference_with_params(image_of(b), row, crop.shape[-1])
+            errors.append(float((got[b] - expected).abs().mean()) * 255)
+            for key, col in (("flip", P.FLIP), ("jitter", P.JITTER), ("gray", P.GRAY),
+                             ("blur", P.SIGMA), ("solarize", P.SOLARIZE)):
+                seen[key] += bool(row[col])
+    return np.array(errors), seen

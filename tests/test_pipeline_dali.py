@@ -21,8 +21,7 @@ from PIL import Image
 from dino_fast.pipelines import AugmentConfig, DataAugmentationDINO, MultiCropLoader
 from dino_fast.pipelines import dali_params as P
 from dino_fast.pipelines.dali_backend import DaliMultiCrop
-from tests._augment_reference import denorm
-from tests._augment_reference import reference_with_params as _reference_with_params
+from tests._augment_reference import denorm, errors_against_reference
 from tests.test_pipeline_sources import SMALL, photo, write_photos
 
 pytest.importorskip("nvidia.dali")
@@ -73,16 +72,10 @@ def test_dali_pixels_match_reference_ops_given_same_decisions(tmp_path, jitter_o
     assert set(positions.int().unique().tolist()) == expected_positions
     errors, seen = [], {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "solarize": 0}
     for crops, _, _, params in batches:
-        for k, crop in enumerate(crops):
-            got = denorm(crop, loader.config)
-            for b in range(crop.shape[0]):
-                row = params[b, k].numpy()
-                expected = _reference_with_params(decoded, row, crop.shape[-1])
-                errors.append(float((got[b] - expected).abs().mean()) * 255)
-                for key, col in (("flip", P.FLIP), ("jitter", P.JITTER), ("gray", P.GRAY),
-                                 ("blur", P.SIGMA), ("solarize", P.SOLARIZE)):
-                    seen[key] += bool(row[col])
-    errors = np.array(errors)
+        e, s = errors_against_reference(crops, params.numpy(), lambda b: decoded, loader.config)
+        errors.append(e)
+        seen = {key: seen[key] + s[key] for key in seen}
+    errors = np.concatenate(errors)
     assert all(v > 0 for v in seen.values()), seen      # every op was exercised
     # 0-255 levels: resampling / blur kernels / rounding differ slightly; a wrong box, flip
     # or colour op gives tens of levels

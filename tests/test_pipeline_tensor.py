@@ -11,7 +11,7 @@ from PIL import Image
 from dino_fast.pipelines import AugmentConfig, ArraySource, MultiCropLoader
 from dino_fast.pipelines import dali_params as P
 from dino_fast.pipelines.tensor_backend import augment_batch, draw_batch_params
-from tests._augment_reference import denorm, reference_with_params
+from tests._augment_reference import errors_against_reference
 from tests.test_pipeline_sources import photo
 
 
@@ -30,20 +30,10 @@ def test_tensor_pixels_match_reference_ops_given_same_decisions(kind):
     index = np.arange(n) % len(images)
     params = draw_batch_params(np.arange(n), images.shape[1], images.shape[2], cfg, seed=3, epoch=0)
     crops = augment_batch(torch.from_numpy(images[index]), params, cfg)
-    errors, seen = [], {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "solarize": 0}
     for k, crop in enumerate(crops):
         assert crop.shape == (n, 3, cfg.crop_sizes()[k], cfg.crop_sizes()[k]) and crop.dtype == torch.float32
-        got = denorm(crop, cfg)
-        for b in range(n):
-            row = params[b, k]
-            im = images[index[b]]
-            pil = Image.fromarray(im if im.ndim == 3 else np.repeat(im[..., None], 3, axis=2))
-            expected = reference_with_params(pil, row, crop.shape[-1])
-            errors.append(float((got[b] - expected).abs().mean()) * 255)
-            for key, col in (("flip", P.FLIP), ("jitter", P.JITTER), ("gray", P.GRAY),
-                             ("blur", P.SIGMA), ("solarize", P.SOLARIZE)):
-                seen[key] += bool(row[col])
-    errors = np.array(errors)
+    rgb = images if images.ndim == 4 else np.repeat(images[..., None], 3, axis=3)
+    errors, seen = errors_against_reference(crops, params, lambda b: Image.fromarray(rgb[index[b]]), cfg)
     assert all(v > 0 for v in seen.values()), seen      # every op was exercised
     # 0-255 levels: PIL rounds to 8 bits after every op (hue through 8-bit HSV) and blurs with
     # box filters; a wrong box, flip or colour op gives tens of levels
