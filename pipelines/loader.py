@@ -8,8 +8,10 @@
             ...
 
 backend "dali" decodes on the GPU (nvJPEG) and augments there; "torch" runs
-the reference torchvision pipeline in DataLoader workers; "auto" picks DALI
-when it imports and the device is CUDA. The choice is logged.
+the reference torchvision pipeline in DataLoader workers; "tensor" augments
+in-memory arrays (ArraySource) on batched tensors in the training process (no
+workers); "auto" picks DALI when it imports and the device is CUDA, else
+"tensor" for in-memory arrays, else "torch". The choice is logged.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def dali_available() -> bool:
     return True
 
 
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "torch", "tensor")
 
 
 class PipelineError(ValueError):
@@ -46,9 +48,14 @@ class BackendUnavailableError(PipelineError, ImportError):
 
 def choose_backend(backend: str, device: torch.device, encoded: bool = True) -> str:
     if backend not in BACKENDS:
-        raise PipelineError(f"backend={backend!r}: choose 'auto', 'dali' or 'torch'")
+        raise PipelineError(f"backend={backend!r}: choose 'auto', 'dali', 'torch' or 'tensor'")
     if backend == "auto":
-        return "dali" if device.type == "cuda" and dali_available() else "torch"
+        if device.type == "cuda" and dali_available():
+            return "dali"
+        return "torch" if encoded else "tensor"
+    if backend == "tensor" and encoded:
+        raise PipelineError("backend='tensor' augments in-memory arrays (ArraySource); for image files or "
+                         "shards use backend='torch' or 'dali'")
     if backend == "dali" and not dali_available():
         raise BackendUnavailableError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
                                       "(or the build for your CUDA), or use backend='torch'")
@@ -126,6 +133,9 @@ class MultiCropLoader:
                 self.source, self.skipped_at_scan = scan_files(self.source, on_error, self.num_workers)
                 self._check_size()
             self._impl = DaliMultiCrop(self)
+        elif self.backend == "tensor":
+            from .tensor_backend import TensorMultiCrop
+            self._impl = TensorMultiCrop(self)
 
     def _check_size(self) -> None:
         n_rank = len(self._indices())

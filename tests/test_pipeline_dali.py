@@ -16,26 +16,18 @@ import math
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms.functional as F
-from PIL import Image, ImageFilter, ImageOps
-from torchvision.transforms import InterpolationMode
+from PIL import Image
 
 from dino_fast.pipelines import AugmentConfig, DataAugmentationDINO, MultiCropLoader
 from dino_fast.pipelines import dali_params as P
 from dino_fast.pipelines.dali_backend import DaliMultiCrop
+from tests._augment_reference import denorm, errors_against_reference
 from tests.test_pipeline_sources import SMALL, photo, write_photos
 
 pytest.importorskip("nvidia.dali")
 
 ALL_OFF = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p_global1=0.0, blur_p_global2=0.0,
                blur_p_local=0.0, solarize_p=0.0)
-
-
-def denorm(crop: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """(B,3,S,S) normalized -> [0, 1] RGB."""
-    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return crop.float() * std + mean
 
 
 def dali_batches(paths, batch_size, reader="host", **cfg):
@@ -69,29 +61,6 @@ def test_every_crop_shape_dtype_range(tmp_path, backend, dtype):
             assert per_channel.std() > 0.1            # a photo, not a constant image
 
 
-def _reference_with_params(image: Image.Image, row: np.ndarray, size: int) -> torch.Tensor:
-    """The reference ops (torchvision functional / PIL) with DALI's decisions, [0, 1] RGB."""
-    y0, x0, y1, x1 = (int(v) for v in row[[P.Y0, P.X0, P.Y1, P.X1]])
-    im = F.resized_crop(image, y0, x0, y1 - y0, x1 - x0, [size, size], InterpolationMode.BICUBIC,
-                        antialias=True)
-    if row[P.FLIP]:
-        im = F.hflip(im)
-    if row[P.JITTER]:
-        ops = {"b": lambda i: F.adjust_brightness(i, float(row[P.BRIGHTNESS])),
-               "c": lambda i: F.adjust_contrast(i, float(row[P.CONTRAST])),
-               "s": lambda i: F.adjust_saturation(i, float(row[P.SATURATION])),
-               "h": lambda i: F.adjust_hue(i, float(row[P.HUE]) / 360.0)}
-        for op in P.HUE_ORDERS[int(row[P.HUE_POS])]:             # the sample's jitter order
-            im = ops[op](im)
-    if row[P.GRAY]:
-        im = F.rgb_to_grayscale(im, num_output_channels=3)
-    if row[P.SIGMA] > 0:
-        im = im.filter(ImageFilter.GaussianBlur(radius=float(row[P.SIGMA])))
-    if row[P.SOLARIZE]:
-        im = ImageOps.solarize(im, threshold=128)
-    return F.to_tensor(im)
-
-
 @pytest.mark.parametrize("jitter_order", ["random", "fixed"])
 def test_dali_pixels_match_reference_ops_given_same_decisions(tmp_path, jitter_order):
     image = Image.fromarray(photo("astronaut")).resize((150, 110))
@@ -103,16 +72,10 @@ def test_dali_pixels_match_reference_ops_given_same_decisions(tmp_path, jitter_o
     assert set(positions.int().unique().tolist()) == expected_positions
     errors, seen = [], {"flip": 0, "jitter": 0, "gray": 0, "blur": 0, "solarize": 0}
     for crops, _, _, params in batches:
-        for k, crop in enumerate(crops):
-            got = denorm(crop, loader.config)
-            for b in range(crop.shape[0]):
-                row = params[b, k].numpy()
-                expected = _reference_with_params(decoded, row, crop.shape[-1])
-                errors.append(float((got[b] - expected).abs().mean()) * 255)
-                for key, col in (("flip", P.FLIP), ("jitter", P.JITTER), ("gray", P.GRAY),
-                                 ("blur", P.SIGMA), ("solarize", P.SOLARIZE)):
-                    seen[key] += bool(row[col])
-    errors = np.array(errors)
+        e, s = errors_against_reference(crops, params.numpy(), lambda b: decoded, loader.config)
+        errors.append(e)
+        seen = {key: seen[key] + s[key] for key in seen}
+    errors = np.concatenate(errors)
     assert all(v > 0 for v in seen.values()), seen      # every op was exercised
     # 0-255 levels: resampling / blur kernels / rounding differ slightly; a wrong box, flip
     # or colour op gives tens of levels

@@ -114,7 +114,7 @@ def test_schedules_equal_reference_formulas():
         assert s.momentum[i] == pytest.approx(m, rel=1e-12)
     assert len(s.lr) == len(s.wd) == len(s.momentum) == total
     from dino_fast.train.build import build_loss
-    loss = build_loss(resolve("demo", {"epochs": 10, "warmup_teacher_temp_epochs": 4, "teacher_temp": 0.07}), "cpu")
+    loss = build_loss(resolve("demo", {"epochs": 10, "warmup_teacher_temp_epochs": 4, "warmup_teacher_temp": 0.04, "teacher_temp": 0.07}), "cpu")
     want = [0.04 + (0.07 - 0.04) * e / 3 for e in range(4)] + [0.07] * 6
     np.testing.assert_allclose(loss.teacher_temp_schedule, want, rtol=1e-12)
 

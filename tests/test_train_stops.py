@@ -56,6 +56,6 @@ def test_data_time_warning(tmp_path, monkeypatch):
             time.sleep(0.3)                                   # a slow pipeline
             yield batch, waited + 0.3
     monkeypatch.setattr(loop, "_timed", slow)
-    summary = loop.train(tiny(tmp_path, log_interval=1, epochs=1))
+    summary = loop.train(tiny(tmp_path, log_interval=1, epochs=1, pipeline="torch"))   # the workers advice
     assert any("waiting for data takes" in w and "pipeline backend 'torch'" in w and "--num_workers" in w
                for w in summary["warnings"])

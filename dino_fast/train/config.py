@@ -100,7 +100,7 @@ class TrainConfig:
     ema_impl: str = "auto"
     """Teacher EMA implementation: auto, triton, foreach or loop (the reference's per-parameter loop)."""
     pipeline: str = "auto"
-    """Data pipeline backend: auto, dali or torch."""
+    """Data pipeline backend: auto, dali, torch or tensor (in-memory arrays such as the demo data, augmented in the training process)."""
     compile: bool | str = False
     """torch.compile: false, blocks (each transformer block of student and teacher: small graphs, no recompiles across crop sizes) or model (the whole student and teacher; true means model)."""
     activation_checkpointing: bool | str = False

@@ -9,7 +9,9 @@ class) and 1,000 test images (100 per class) from Zalando's Fashion-MNIST
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 DATA_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                          "fashion_mnist_demo.npz")
+log = logging.getLogger(__name__)
 KNN_K, KNN_T = 20, 0.07
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -62,15 +65,21 @@ def features(backbone: torch.nn.Module, images: np.ndarray, size: int, device, b
     return torch.cat(out)
 
 
-def knn_top1(backbone: torch.nn.Module, size: int, device, max_train: int = 0) -> float:
-    """Weighted 20-NN top-1 (%) on the demo test images, memory bank = the training images."""
+def knn_top1(backbone: torch.nn.Module, size: int, device, max_train: int = 0, phase: str = "") -> float:
+    """Weighted 20-NN top-1 (%) on the demo test images, memory bank = the training images.
+    `phase` ("before training", ...) names the evaluation in the two log lines it writes."""
     from dino_fast.eval.knn import knn_classifier
     d = load_demo_arrays()
     n = max_train or len(d["x_train"])
+    what = f"k-NN {phase}" if phase else "k-NN"
+    log.info("%s: teacher CLS features of %d training + %d test demo images at %d px, weighted %d-NN ...",
+             what, n, len(d["x_test"]), size, KNN_K)
+    t0 = time.perf_counter()
     train_f = features(backbone, d["x_train"][:n], size, device)
     test_f = features(backbone, d["x_test"], size, device)
     top1, _ = knn_classifier(train_f, torch.from_numpy(d["y_train"][:n]), test_f, torch.from_numpy(d["y_test"]),
                              KNN_K, KNN_T, num_classes=10)
+    log.info("%s: top-1 %.1f%% (%.1f s)", what, float(top1), time.perf_counter() - t0)
     return float(top1)
 
 

@@ -1,5 +1,8 @@
-"""What a person reads during and after a run: a progress bar per epoch (loss,
-img/s, MFU, data-time share, ETA), a JSON-lines log (`log.jsonl`: one record
+"""What a person reads during and after a run: one progress bar for the whole run
+(epoch, loss, img/s, MFU, data-time share, ETA of the run) on a terminal, or
+where no terminal is (nohup, SLURM, a pipe) a progress line every
+`PROGRESS_EVERY_STEPS` steps or `PROGRESS_EVERY_S` seconds, whichever comes
+first (iteration, loss, img/s, ETA); a JSON-lines log (`log.jsonl`: one record
 per logging step and per epoch) and a loss-curve PNG (`loss_curve.png`).
 Only rank 0 writes. The caller hands over host numbers (read once per logging
 step), so nothing here touches the device.
@@ -10,11 +13,24 @@ import json
 import logging
 import os
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
 DATA_TIME_WARN = 0.2      # warn when waiting for data takes more than this share of the step
 DATA_TIME_PATIENCE = 3    # ... for this many logging steps in a row
+PROGRESS_EVERY_STEPS = 100   # without a terminal: a progress line after this many steps ...
+PROGRESS_EVERY_S = 30.0      # ... or this many seconds, whichever comes first (at a logging step)
+
+
+def format_eta(seconds: float) -> str:
+    """12 s, 3 min 05 s, 1 h 02 min."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 class RunLogger:
@@ -30,6 +46,12 @@ class RunLogger:
         self.epoch_losses: list[float] = []
         self.monitors: list[dict] = []         # k-NN monitor records (--monitor_knn)
         self._bar = None
+        self._epoch = 0
+        self.total_steps = epochs * steps_per_epoch
+        self.start_it = self.it = resume_it     # iterations done (this run's part starts at start_it)
+        self._t0 = None                         # wall clock at this run's first step
+        self._line_it, self._line_t = resume_it, None   # last non-terminal progress line
+        self.tty = sys.stderr.isatty()
         self._slow_data = 0
         self.warnings: list[str] = []
         if enabled and os.path.exists(self.path):
@@ -46,22 +68,53 @@ class RunLogger:
             self.epoch_losses = [r["loss"] for r in kept if r.get("type") == "epoch"]
             self.monitors = [r for r in kept if r.get("type") == "monitor"]
 
-    # ---- progress bar ----
+    # ---- progress: one bar for the whole run on a terminal, lines in log files ----
     def start_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
         if not self.enabled:
             return
-        from tqdm.auto import tqdm
-        self._bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
-                         dynamic_ncols=True, leave=True, file=sys.stderr, disable=None)
+        if self._t0 is None:
+            self._t0 = self._line_t = time.perf_counter()
+        if not self.tty:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=self.total_steps, initial=self.start_it, unit="step", dynamic_ncols=True,
+                             leave=True, file=sys.stderr)
+        self._bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
 
     def advance(self, n: int = 1) -> None:
+        self.it += n
         if self._bar is not None:
             self._bar.update(n)
 
     def end_epoch(self) -> None:
+        if self._bar is not None and self._epoch + 1 >= self.epochs:
+            self.close()
+
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def eta_s(self) -> float:
+        """Seconds left in the run at this run's mean step time so far."""
+        done = self.it - self.start_it
+        if not done or self._t0 is None:
+            return float("nan")
+        return (time.perf_counter() - self._t0) / done * (self.total_steps - self.it)
+
+    def _progress_line(self, record: dict) -> None:
+        """Without a terminal: one line every PROGRESS_EVERY_STEPS steps or PROGRESS_EVERY_S seconds."""
+        now = time.perf_counter()
+        first = self._line_it == self.start_it
+        due = (self.it - self._line_it >= PROGRESS_EVERY_STEPS or now - self._line_t >= PROGRESS_EVERY_S
+               or self.it >= self.total_steps)
+        if not (first or due):
+            return
+        self._line_it, self._line_t = self.it, now
+        log.info("iteration %d/%d (epoch %d/%d): loss %.4f, %.1f img/s, ETA %s", self.it, self.total_steps,
+                 self._epoch + 1, self.epochs, record["loss"], record["img_s"], format_eta(self.eta_s()))
 
     # ---- records ----
     def _write(self, record: dict) -> None:
@@ -76,6 +129,8 @@ class RunLogger:
         self.losses.append(record["loss"])
         self.loss_its.append(record.get("it", len(self.loss_its)))
         self._write({"type": "step", **record})
+        if not self.tty:
+            self._progress_line(record)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}",
                                   mfu=f"{100 * record['mfu']:.1f}%", data=f"{record['data_time_frac']:.2f}",

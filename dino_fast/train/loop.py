@@ -201,7 +201,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
     knn = cfg.knn_eval and cfg.data_path == "demo" and run.world_size == 1
     if knn:
         from .demo import knn_top1
-        summary["knn_before"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
+        summary["knn_before"] = knn_top1(teacher.backbone, cfg.global_size, run.device, phase="before training")
     from dino_fast.runtime.health import CollapseMonitor
     monitor = CollapseMonitor(cfg.out_dim, patience=cfg.collapse_patience,
                               warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs)
@@ -271,7 +271,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
         if knn_monitor is not None and knn_monitor.due(epoch):  # every rank (sharded features); rank 0 logs
             logger.monitor(knn_monitor.evaluate(st.teacher, st.autocast, epoch=epoch, it=it))
     if knn:
-        summary["knn_after"] = knn_top1(teacher.backbone, cfg.global_size, run.device)
+        summary["knn_after"] = knn_top1(teacher.backbone, cfg.global_size, run.device, phase="after training")
     summary["warnings"] = logger.warnings
     summary["monitor"] = list(logger.monitors)
     summary["step_losses"] = list(logger.losses)

@@ -30,12 +30,15 @@ PRESETS: dict[str, dict] = {
     "vit_b8_in1k": dict(arch="vit_base", patch_size=8, epochs=300, lr=0.0005, min_lr=2e-6,
                         teacher_temp=0.07, warmup_teacher_temp_epochs=50, freeze_last_layer=3,
                         norm_last_layer=True, activation_checkpointing=True, **_PAPER_MULTICROP),
-    # A few minutes on a laptop CPU: a 4-block ViT-tiny/7 on the 28 px Fashion-MNIST images shipped in the
-    # package (2 x 28 px global + 4 x 14 px local crops), a small head, a short schedule.
+    # About 3 minutes on a 2-core CPU: a 4-block ViT-tiny/7 on the 28 px Fashion-MNIST images shipped in the
+    # package (2 x 28 px global + 4 x 14 px local crops), a small head, a short schedule: 1,250 steps of 16
+    # images (the k-NN first dips, then rises; fewer steps end at or below the random init) with a sharper
+    # teacher (0.02) so the teacher leaves its near-uniform start sooner (60.3 % -> 65.5 % measured).
     "demo": dict(arch="vit_tiny", patch_size=7, depth=4, out_dim=1024, head_hidden_dim=512,
                  head_bottleneck_dim=128, global_size=28, local_size=14, local_crops_number=4,
-                 global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), batch_size_per_gpu=32,
-                 epochs=10, warmup_epochs=1, lr=0.005, min_lr=1e-5, momentum_teacher=0.98,
+                 global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4), batch_size_per_gpu=16,
+                 epochs=5, warmup_epochs=1, lr=0.005, min_lr=1e-5, momentum_teacher=0.98,
+                 teacher_temp=0.02, warmup_teacher_temp=0.02,
                  drop_path_rate=0.0, freeze_last_layer=1, saveckp_freq=0, num_workers=2, log_interval=10,
                  data_path="demo", output_dir="dino_demo", precision="bf16"),
 }
