@@ -6,9 +6,9 @@ a log file shows what a person needs: the k-NN phases announced and progress lin
 
 It runs the full demo preset: no shorter configuration tried learns (a few hundred steps
 leave the teacher near-uniform and the k-NN at or below its random initialisation; see
-the README's demo notes). That is seconds on a GPU and about 3 minutes on a 2-core CPU
-(measured 60.3 % -> 65.5 %), so it runs where a CUDA GPU is present, or anywhere with
-DINO_FAST_TEST_DEMO_LEARNING=1.
+the README's demo notes). That is seconds on a GPU and 2.6 minutes on an idle 2-core CPU
+(measured 60.3 % -> 65.5 %): CI runs it, as the demo's proof of learning (no checkpoint
+trained elsewhere is loaded).
 """
 from __future__ import annotations
 
@@ -16,18 +16,12 @@ import logging
 import os
 import time
 
-import pytest
-import torch
-
 from dino_fast.train.loop import train
 from dino_fast.train.presets import resolve
 
 MIN_GAIN = 3.0
-RUN = torch.cuda.is_available() or os.environ.get("DINO_FAST_TEST_DEMO_LEARNING", "") not in ("", "0")
 
 
-@pytest.mark.skipif(not RUN, reason="the demo run takes minutes on a CPU: needs a CUDA GPU or "
-                                    "DINO_FAST_TEST_DEMO_LEARNING=1")
 def test_demo_training_beats_random_init_on_knn(tmp_path, caplog):
     cfg = resolve(None, dict(output_dir=str(tmp_path / "demo")))
     assert cfg.preset == "demo" and cfg.data_path == "demo"
