@@ -101,12 +101,5 @@ def build_dinov2_network(cfg, student: bool, init=None) -> DINOv2Network:
 
 def build_dinov2_pair(cfg) -> tuple[DINOv2Network, DINOv2Network]:
     """(student, teacher) with teacher = student's weights and no gradients."""
-    init = None
-    if getattr(cfg, "init_from", ""):
-        from dino_fast.train.init_from import read_init
-        init = read_init(cfg.init_from, cfg.init_from_key)
-    student, teacher = build_dinov2_network(cfg, True, init), build_dinov2_network(cfg, False, init)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
-    return student, teacher
+    from dino_fast.train.build import build_pair
+    return build_pair(cfg, network=build_dinov2_network)

@@ -60,13 +60,16 @@ def build_network(cfg, student: bool = True, init=None) -> nn.Module:
     return MultiCropWrapper(backbone, head)
 
 
-def build_pair(cfg) -> tuple[nn.Module, nn.Module]:
-    """(student, teacher) on the CPU in fp32, teacher = student's weights, no grads."""
+def build_pair(cfg, network=None) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) on the CPU in fp32, teacher = student's weights, no grads.
+    `network(cfg, student, init)` builds one of them (default build_network: the DINO
+    method's; dino_fast.dinov2.network passes its own)."""
+    network = network or build_network
     init = None
     if getattr(cfg, "init_from", ""):
         from .init_from import read_init
         init = read_init(cfg.init_from, cfg.init_from_key)
-    student, teacher = build_network(cfg, True, init), build_network(cfg, False, init)
+    student, teacher = network(cfg, True, init), network(cfg, False, init)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
