@@ -30,14 +30,14 @@ All accumulation is fp32; row offsets are int64.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from dino_fast.kernels.dino_loss import _combine_chunks, _online_update
+from dino_fast.kernels.dino_loss import (_MAX_CHUNKS, _PROGRAMS_PER_SM, _cdiv, _chunking, _combine_chunks, _num_sms,
+                                         _online_update)
 from dino_fast.kernels.spec import KernelSpec
 
 IMPLS = ("auto", "triton", "torch")
@@ -106,30 +106,12 @@ def _softmax_q_kernel(t_ptr, shift_ptr, lse_ptr, q_ptr, N, K, inv_temp,
 LSE_CFG = dict(BLOCK_R=16, BLOCK_K=128, num_warps=8, num_stages=2)
 LSE_FINISH_CFG = dict(BLOCK_RF=64, BLOCK_CH=64, num_warps=4, num_stages=1)
 Q_CFG = dict(BLOCK_R=16, BLOCK_K=256, num_warps=8, num_stages=1)
-MAX_CHUNKS = 64                 # partials per row the finish kernels merge (their BLOCK_CH)
-PROGRAMS_PER_SM = 8             # target programs per SM when splitting K into chunks
 H100_SMS = 132                  # for the compile specs' problem description
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def chunking(K: int, n_row_programs: int, block_k: int, n_sm: int) -> tuple[int, int]:
-    """Split K into n_chunks chunks of `chunk` columns (a multiple of block_k) so
-    that n_row_programs * n_chunks ~ PROGRAMS_PER_SM * n_sm."""
-    target = max(1, PROGRAMS_PER_SM * n_sm // max(1, n_row_programs))
-    n_tiles = cdiv(K, block_k)
-    n_chunks = max(1, min(target, n_tiles, MAX_CHUNKS))
-    chunk = cdiv(n_tiles, n_chunks) * block_k
-    return chunk, cdiv(K, chunk)
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2      # interpreter: few chunks, but more than one where K allows
+# K is split into chunks as the DINO loss does it (one planner for every online-over-K kernel):
+# at most MAX_CHUNKS partials per row, which the finish kernels merge in one BLOCK_CH tile.
+MAX_CHUNKS, PROGRAMS_PER_SM = _MAX_CHUNKS, _PROGRAMS_PER_SM
+cdiv, chunking, num_sms = _cdiv, _chunking, _num_sms
+assert LSE_FINISH_CFG["BLOCK_CH"] >= MAX_CHUNKS
 
 
 def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
