@@ -38,7 +38,7 @@ BASE = dict(patch_size=4, depth=2, out_dim=96, head_hidden_dim=64, head_bottlene
             local_size=8, local_crops_number=2, batch_size_per_gpu=B, epochs=2, warmup_epochs=0, lr=1.0,
             min_lr=0.02, optimizer="sgd", clip_grad=0.5, freeze_last_layer=0, drop_path_rate=0.0,
             momentum_teacher=0.9, device="cpu", knn_eval=False, output_dir="unused",
-            precision="bf16", cpu_autocast=True)
+            precision="bf16", cpu_autocast=True, teacher_temp=0.04, warmup_teacher_temp=0.04)
 DEFAULT = dict(loss_impl="triton", ema_impl="triton", attention="sdpa")      # auto on CUDA (no xformers)
 PLAIN = dict(loss_impl="torch", ema_impl="loop", attention="math")
 TOL = {"loss": 1e-2, "student": 1e-3, "teacher": 2e-4, "center": 1e-3}   # see the docstring
