@@ -51,11 +51,18 @@ def test_data_time_warning(tmp_path, monkeypatch):
     import time
     real_timed = loop._timed
 
-    def slow(loader):
-        for batch, waited in real_timed(loader):
-            time.sleep(0.3)                                   # a slow pipeline
-            yield batch, waited + 0.3
-    monkeypatch.setattr(loop, "_timed", slow)
+    class Slow:                                               # a slow pipeline
+        def __init__(self, loader):
+            self.timed = real_timed(loader)
+
+        def __iter__(self):
+            for batch, waited in self.timed:
+                time.sleep(0.3)
+                yield batch, waited + 0.3
+
+        def take(self):
+            return self.timed.take()
+    monkeypatch.setattr(loop, "_timed", Slow)
     summary = loop.train(tiny(tmp_path, log_interval=1, epochs=1, pipeline="torch"))   # the workers advice
     assert any("waiting for data takes" in w and "pipeline backend 'torch'" in w and "--num_workers" in w
                for w in summary["warnings"])

@@ -240,7 +240,7 @@ def _train(cfg: TrainConfig, stop) -> dict:
             logger.advance()
             if win.n == cfg.log_interval or ep.n + win.n == len(loader):
                 values, dt = win.read(dino_loss, run.world_size, epoch, last_ckpt)   # the host sync
-                win.wait += timed.take() if hasattr(timed, "take") else 0.0          # device-side waits
+                win.wait += timed.take()                                             # device-side waits
                 img_s = win.n * imgs_per_step / dt
                 rec = {"epoch": epoch, "it": it, **values, "lr": float(schedules.lr[it - 1]),
                        "wd": float(schedules.wd[it - 1]), "momentum": float(schedules.momentum[it - 1]),

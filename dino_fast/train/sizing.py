@@ -34,11 +34,6 @@ OPTIMIZER_STATES = {"adamw": 2, "sgd": 1, "lars": 1}   # fp32 buffers per traina
 
 
 # ---------------------------------------------------------------------------------- counting
-def _is_image(name: str) -> bool:
-    from dino_fast.pipelines.images import IMAGE_EXTENSIONS
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _count_tar(paths: list[str], limit: int) -> int:
     folders = {os.path.dirname(p) for p in paths}
     packed = 0
@@ -69,6 +64,8 @@ def count_images(data_path: str, limit: int = LARGE) -> int | None:
     """Images in data_path, counted up to `limit` (folders walked, .txt lines, tar members);
     None when it cannot be told here (the loader then reports the problem)."""
     import glob
+
+    from dino_fast.pipelines.images import is_image_file
     try:
         if any(c in data_path for c in "*?["):
             return _count_tar(sorted(p for p in glob.glob(data_path) if p.endswith(".tar")), limit)
@@ -88,7 +85,7 @@ def count_images(data_path: str, limit: int = LARGE) -> int | None:
         n = 0
         for _, dirs, files in os.walk(data_path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            n += sum(map(_is_image, files))
+            n += sum(map(is_image_file, files))
             if n >= limit:
                 return limit
         return n
