@@ -80,18 +80,7 @@ def dinov2_train_step(st, crops: list[torch.Tensor], it: int, epoch: int) -> tor
         loss = obj(s, q_dino, q_ibot, mb, 2 * B, gram=g_loss, gram_weight=gram_w)
     (st.scaler.scale(loss) if st.scaler is not None else loss).backward()
 
-    # ---- step: (unscale) → clip per sub-network → optimizer (last layer frozen by its lr schedule) ----
-    if st.scaler is not None:
-        st.scaler.unscale_(st.optimizer)
-    if cfg.clip_grad:
-        clip_per_module(st.student, cfg.clip_grad)
-    if st.scaler is not None:
-        st.scaler.step(st.optimizer)
-        st.scaler.update()
-    else:
-        st.optimizer.step()
-
-    # ---- EMA: teacher ← m·teacher + (1−m)·student ----
-    from dino_fast.kernels.ema import ema_update_
-    ema_update_(st.teacher_params, st.student_params, float(sched.momentum[it]), impl=cfg.ema_impl)
+    # ---- step: (unscale) → clip per sub-network → optimizer (last layer frozen by its lr schedule) → EMA ----
+    from dino_fast.train.step import update
+    update(st, it, lambda: clip_per_module(st.student, cfg.clip_grad) if cfg.clip_grad else None)
     return loss.detach()

@@ -100,19 +100,26 @@ def train_step(st: StepState, crops: list[torch.Tensor], it: int, epoch: int) ->
     if n > 1:  # one centre update (one all-reduce) from the teacher outputs of all micro-batches
         loss_fn.update_center_from_sum(teacher_sum, loss_fn.n_teacher_views * crops[0].shape[0])
 
-    # ---- step: (unscale) → per-tensor clip → freeze last layer → optimizer ----
+    # ---- step: (unscale) → per-tensor clip → freeze last layer → optimizer → EMA ----
+    def clip():
+        if cfg.clip_grad:
+            clip_gradients(st.student, cfg.clip_grad)
+        cancel_gradients_last_layer(epoch, st.student, cfg.freeze_last_layer)
+    update(st, it, clip)
+    return loss_sum / n if n > 1 else loss_sum
+
+
+def update(st: StepState, it: int, clip: Callable[[], None]) -> None:
+    """After the backward: (unscale) → clip() → optimizer step (through the fp16 scaler) → EMA
+    teacher ← m·teacher + (1−m)·student at iteration `it` (local shards under FSDP2). The DINO
+    and dinov2 steps differ only in `clip` (per tensor + last-layer freeze vs per sub-network)."""
     if st.scaler is not None:
         st.scaler.unscale_(st.optimizer)
-    if cfg.clip_grad:
-        clip_gradients(st.student, cfg.clip_grad)
-    cancel_gradients_last_layer(epoch, st.student, cfg.freeze_last_layer)
+    clip()
     if st.scaler is not None:
         st.scaler.step(st.optimizer)
         st.scaler.update()
     else:
         st.optimizer.step()
-
-    # ---- EMA: teacher ← m·teacher + (1−m)·student (local shards under FSDP2) ----
     from dino_fast.kernels.ema import ema_update_
-    ema_update_(st.teacher_params, st.student_params, float(st.schedules.momentum[it]), impl=cfg.ema_impl)
-    return loss_sum / n if n > 1 else loss_sum
+    ema_update_(st.teacher_params, st.student_params, float(st.schedules.momentum[it]), impl=st.cfg.ema_impl)
