@@ -65,6 +65,8 @@ def dinov2_train_step(st, crops: list[torch.Tensor], it: int, epoch: int) -> tor
         gram.refresh(st.teacher.backbone)
 
     with st.autocast():
+        from dino_fast.train.compile import mark_step
+        mark_step(cfg)   # --cuda_graph_teacher: a new CUDA-graph generation per step, as the DINO step
         # ---- teacher: global crops, unmasked; heads on CLS and on the student's masked positions ----
         with torch.no_grad():
             t = st.teacher(globals_, mask_indices=indices)
