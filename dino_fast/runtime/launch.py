@@ -431,6 +431,15 @@ def collective_error(name: str, exc: BaseException, waited: float | None, rank: 
         name, rank)
 
 
+def collective_context() -> tuple[int, int, float | None]:
+    """(rank, world size, dist_timeout in minutes or None) for a collective's error message."""
+    info = _INFO
+    if info:
+        return info.rank, info.world_size, info.timeout_minutes
+    initialized = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank() if initialized else 0), (dist.get_world_size() if initialized else 1), None
+
+
 def named_collective(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run `fn(*args, **kwargs)` (a collective or barrier) under the name `name`.
 
@@ -439,16 +448,14 @@ def named_collective(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any)
     runs: the watchdog then follows it through a CUDA event and logs if it stalls; torch's
     NCCL watchdog aborts the job after dist_timeout with the op type in its message.
     """
-    info, wd = _INFO, _WATCHDOG
-    rank = info.rank if info else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-    world = info.world_size if info else (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
-    timeout_min = info.timeout_minutes if info else None
+    wd = _WATCHDOG
+    rank, world, timeout_min = collective_context()
     token = wd.begin(name) if wd is not None else None
     t0 = time.monotonic()
     event = None
     try:
         result = fn(*args, **kwargs)
-        if wd is not None and info is not None and info.backend == "nccl":
+        if wd is not None and _INFO is not None and _INFO.backend == "nccl":
             event = torch.cuda.Event()
             event.record()
         return result

@@ -39,13 +39,10 @@ def step_collective_error(exc: BaseException, it: int):
     from .launch import CollectiveError
     if isinstance(exc, CollectiveError) or not is_collective_failure(exc):
         return None           # already named (the centre all-reduce), or not a collective failure
-    from .launch import _INFO, collective_error
-    initialized = dist.is_available() and dist.is_initialized()
-    rank = _INFO.rank if _INFO else (dist.get_rank() if initialized else 0)
-    world = _INFO.world_size if _INFO else (dist.get_world_size() if initialized else 1)
+    from .launch import collective_context, collective_error
     name = (f"FSDP2 all-gather / reduce-scatter of the training step (forward, backward; or the "
             f"gradient-clip norm all-reduce) at iteration {it}")
-    return collective_error(name, exc, None, rank, world, _INFO.timeout_minutes if _INFO else None)
+    return collective_error(name, exc, None, *collective_context())
 
 
 __all__ = ["is_collective_failure", "step_collective_error"]
